@@ -1,0 +1,207 @@
+"""Prefect flows ``ingest`` (catalog files) and ``import-dataset`` (public datasets) into the Delta warehouse.
+
+Batch-level tasks; retries only on the warehouse write (I/O). Each run writes a markdown and a table artifact:
+rows read / accepted / quarantined by reason, media ok / bad, duration.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from warehouse import ingest as core
+from warehouse.sources import Record, detect_format, read_batches
+from warehouse.tables import Warehouse
+from warehouse.validate import Limits, resolve_mapping
+
+ProgressFn = Callable[[int], None]
+# Set by the CLI to drive its progress bar (a callable cannot be a flow parameter: parameters are stored as JSON).
+progress_hook: ProgressFn | None = None
+
+
+@task(name="validate-batch", cache_policy=NO_CACHE, persist_result=False)
+def validate_batch(records: list[Record], state: core.RunState, *, source: str, mapping: dict, run_id: str,
+                   limits: Limits, now: datetime) -> tuple[list, list, list, list, list]:
+    rows, quarantine = core.validate_batch(
+        records, state, source=source, mapping=mapping, run_id=run_id, limits=limits, now=now
+    )
+    new, changed, unchanged = core.classify(rows, state)
+    return new, changed, unchanged, quarantine, rows
+
+
+@task(name="ingest-media", cache_policy=NO_CACHE, persist_result=False)
+def ingest_media(rows: list[dict], *, wh: Warehouse, run_id: str, source: str, cfg: Any,
+                 base_dir: str | None) -> tuple[list, list]:
+    # per-URI retries with backoff live in warehouse.media; a task-level retry would refetch the whole batch
+    return core.ingest_media(rows, wh=wh, run_id=run_id, source=source, cfg=cfg, base_dir=base_dir)
+
+
+@task(name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE, persist_result=False)
+def write_batch(wh: Warehouse, *, new: list, changed: list, media: list, quarantine: list, run_id: str,
+                now: datetime) -> None:
+    core.write_batch(wh, new=new, changed=changed, media=media, quarantine=quarantine, run_id=run_id, now=now)
+
+
+def _run_id() -> str:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # called outside a flow run (plain function call)
+        return uuid.uuid4().hex
+
+
+def run_batches(
+    batches: Iterator[list[Record]],
+    *,
+    wh: Warehouse,
+    source: str,
+    mapping: dict[str, str],
+    limits: Limits = Limits(),
+    media_cfg: Any = None,
+    base_dir: str | None = None,
+) -> dict[str, Any]:
+    """The ingest loop shared by both flows: validate -> classify -> media -> write, batch by batch."""
+    logger = get_run_logger()
+    run_id = _run_id()
+    started = time.perf_counter()
+    state = core.RunState.load(wh)
+    total = core.BatchResult()
+    for i, records in enumerate(batches):
+        now = datetime.now(UTC)
+        new, changed, unchanged, quarantine, _ = validate_batch(
+            records, state, source=source, mapping=mapping, run_id=run_id, limits=limits, now=now
+        )
+        media_rows: list[dict] = []
+        if media_cfg is not None:
+            media_rows, media_q = ingest_media(new + changed, wh=wh, run_id=run_id, source=source, cfg=media_cfg,
+                                               base_dir=base_dir)
+            quarantine = quarantine + media_q
+        write_batch(wh, new=new, changed=changed, media=media_rows, quarantine=quarantine, run_id=run_id, now=now)
+        result = core.BatchResult(read=len(records), new=len(new), changed=len(changed), unchanged=len(unchanged))
+        result.quarantined.update(q["reason"] for q in quarantine)
+        result.media_ok = sum(m["status"] == "ok" for m in media_rows)
+        result.media_bad = sum(m["status"] != "ok" for m in media_rows)
+        total.add(result)
+        logger.info("batch %d: %s", i, result.as_dict())
+        if progress_hook is not None:
+            progress_hook(len(records))
+    summary = total.as_dict()
+    summary.update(run_id=run_id, source=source, duration_s=round(time.perf_counter() - started, 3),
+                   warehouse=wh.root, table_versions={t: wh.version(t) for t in ("products", "media", "quarantine")})
+    _artifacts(summary)
+    logger.info("ingest of %s done: %s", source, summary)
+    return summary
+
+
+def _artifacts(s: dict[str, Any]) -> None:
+    rows = [{"metric": k, "value": s[k]} for k in ("read", "accepted", "new", "changed", "unchanged", "quarantined",
+                                                   "media_ok", "media_bad", "duration_s")]
+    rows += [{"metric": f"quarantined: {r}", "value": n} for r, n in s["quarantined_by_reason"].items()]
+    create_table_artifact(key="ingest-summary", table=rows, description=f"Ingest of {s['source']}")
+    reasons = "\n".join(f"| {r} | {n} |" for r, n in s["quarantined_by_reason"].items()) or "| (none) | 0 |"
+    rate = s["read"] / s["duration_s"] if s["duration_s"] else 0.0
+    create_markdown_artifact(
+        key="ingest-report",
+        markdown=(
+            f"# Ingest of `{s['source']}`\n\n"
+            f"| read | accepted | new | changed | unchanged | quarantined | media ok | media bad | duration |\n"
+            f"|---|---|---|---|---|---|---|---|---|\n"
+            f"| {s['read']} | {s['accepted']} | {s['new']} | {s['changed']} | {s['unchanged']} | {s['quarantined']} "
+            f"| {s['media_ok']} | {s['media_bad']} | {s['duration_s']} s ({rate:,.0f} rows/s) |\n\n"
+            f"## Quarantine by reason\n\n| reason | rows |\n|---|---|\n{reasons}\n\n"
+            f"Warehouse `{s['warehouse']}`, table versions {s['table_versions']}. Inspect with "
+            f"`enrich sql \"SELECT reason, message FROM quarantine WHERE run_id = '{s['run_id']}'\"`.\n"
+        ),
+        description=f"Ingest of {s['source']}",
+    )
+
+
+@flow(name="ingest")
+def ingest(
+    path: str,
+    fmt: str | None = None,
+    source: str | None = None,
+    warehouse_root: str | None = None,
+    batch_size: int = 5_000,
+    mapping: dict[str, str] | None = None,
+    media: bool = True,
+    video_frames: int = 4,
+    media_timeout_s: float = 10.0,
+    media_retries: int = 2,
+) -> dict[str, Any]:
+    """Ingest a JSONL / CSV / Parquet catalog file (local path or URI) into the warehouse.
+
+    Args:
+        path: the catalog file; image/video paths in it resolve relative to its folder.
+        fmt: ``jsonl`` | ``csv`` | ``parquet``; from the extension when None.
+        source: name recorded on rows and quarantine entries; the path when None.
+        mapping: source column -> canonical field, on top of the built-in aliases (sku, name, body_html...).
+        media: fetch and decode images / sample ``video_frames`` frames per video (per-URI timeout and retries).
+    """
+    import os
+
+    from warehouse.media import MediaConfig
+
+    wh = Warehouse(warehouse_root)
+    fmt = detect_format(path, fmt)
+    base_dir = os.path.dirname(os.path.abspath(path)) if "://" not in path else path.rsplit("/", 1)[0]
+    return run_batches(
+        read_batches(path, fmt, batch_size), wh=wh, source=source or path, mapping=resolve_mapping(None, mapping),
+        media_cfg=MediaConfig(video_frames=video_frames, timeout_s=media_timeout_s, retries=media_retries) if media else None,
+        base_dir=base_dir,
+    )
+
+
+@flow(name="import-dataset")
+def import_dataset(
+    dataset: str,
+    path: str,
+    split: str | None = None,
+    warehouse_root: str | None = None,
+    batch_size: int = 5_000,
+    media: bool = False,
+) -> dict[str, Any]:
+    """Import a public dataset (``enrich import DATASET PATH``): canonical rows with labels, and Ditto's pairs."""
+    from warehouse.importers import get_importer
+
+    wh = Warehouse(warehouse_root)
+    importer = get_importer(dataset)
+    stats_holder: dict[str, Any] = {}
+
+    def batches() -> Iterator[list[Record]]:
+        from warehouse.importers._common import ImportStats
+
+        stats = ImportStats()
+        stats_holder["stats"] = stats
+        batch: list[Record] = []
+        for i, row in enumerate(importer.iter_rows(path, split=split, stats=stats), start=1):
+            batch.append(Record(f"row:{i}", row))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    from warehouse.media import MediaConfig
+
+    summary = run_batches(batches(), wh=wh, source=dataset, mapping=resolve_mapping(None, None),
+                          media_cfg=MediaConfig() if media else None)
+    if hasattr(importer, "iter_pairs"):
+        import pyarrow as pa
+
+        from warehouse import schema
+
+        pairs = list(importer.iter_pairs(path, split=split))
+        wh.merge("pairs", pa.Table.from_pylist(pairs, schema=schema.PAIRS), update_columns=["label"],
+                 update_when="t.label != s.label")
+        summary["pairs"] = len(pairs)
+    if "stats" in stats_holder:
+        summary["import_stats"] = stats_holder["stats"].as_dict()
+    return summary

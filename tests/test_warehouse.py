@@ -1,0 +1,119 @@
+"""Delta tables: keyed merges are idempotent, unchanged rows are not rewritten, time travel, SQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from warehouse import schema
+from warehouse.ingest import RunState, classify, products_table, validate_batch, write_batch
+from warehouse.quarantine import Reason
+from warehouse.sources import Record
+from warehouse.tables import Warehouse
+from warehouse.validate import resolve_mapping
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _rows(n: int, title: str = "Blue Cotton Shirt") -> list[dict]:
+    rows = []
+    for i in range(n):
+        row = schema.empty_row(product_id=f"p{i}", title=f"{title} {i}", specs=[{"key": "Colour", "value": "Blue"}])
+        row["content_hash"] = schema.content_hash(row)
+        rows.append(row)
+    return rows
+
+
+def _ingest(wh: Warehouse, records: list[Record], run_id: str = "r1") -> tuple[list, list, list, list]:
+    state = RunState.load(wh)
+    rows, quarantine = validate_batch(records, state, source="t", mapping=resolve_mapping(None, None), run_id=run_id)
+    new, changed, unchanged = classify(rows, state)
+    write_batch(wh, new=new, changed=changed, media=[], quarantine=quarantine, run_id=run_id, now=NOW)
+    return new, changed, unchanged, quarantine
+
+
+def test_content_hash_is_stable_and_sensitive():
+    a = schema.empty_row(product_id="1", title="x", specs=[{"key": "k", "value": "v"}])
+    b = dict(a, product_id="2", source="other")  # id and source are not content
+    assert schema.content_hash(a) == schema.content_hash(b)
+    assert schema.content_hash(a) != schema.content_hash(dict(a, title="y"))
+    with pytest.raises(ValueError, match="Unknown canonical field"):
+        schema.empty_row(colour="red")
+
+
+def test_merge_idempotent_and_unchanged_not_rewritten(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    records = [Record(f"line:{i}", {"id": f"p{i}", "name": f"Shirt {i}"}) for i in range(5)]
+    new, changed, unchanged, _ = _ingest(wh, records)
+    assert (len(new), len(changed), len(unchanged)) == (5, 0, 0)
+    v1 = wh.version("products")
+    first = wh.read("products").sort_by("product_id")
+
+    new, changed, unchanged, _ = _ingest(wh, records, run_id="r2")
+    assert (len(new), len(changed), len(unchanged)) == (0, 0, 5)
+    assert wh.version("products") == v1, "an unchanged re-ingest must not commit to products"
+    assert wh.read("products").sort_by("product_id").equals(first)
+
+    records[2] = Record("line:2", {"id": "p2", "name": "Shirt 2 (new colour)"})
+    new, changed, unchanged, _ = _ingest(wh, records, run_id="r3")
+    assert (len(new), len(changed), len(unchanged)) == (0, 1, 4)
+    after = {r["product_id"]: r for r in wh.read("products").to_pylist()}
+    assert len(after) == 5
+    assert after["p2"]["title"] == "Shirt 2 (new colour)" and after["p2"]["ingest_run_id"] == "r3"
+    assert after["p1"]["ingest_run_id"] == "r1", "unchanged rows keep their original write"
+    # time travel: the version before the change still has the old title
+    old = {r["product_id"]: r for r in wh.read("products", version=v1).to_pylist()}
+    assert old["p2"]["title"] == "Shirt 2"
+
+
+def test_quarantine_rerun_is_idempotent(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    records = [Record("line:1", {"id": "a", "name": "ok"}), Record("line:2", {"id": "b", "name": ""}),
+               Record("line:3", None, b"{oops", (Reason.MALFORMED_JSON, "line:3: bad"))]
+    _ingest(wh, records)
+    _ingest(wh, records, run_id="r2")
+    q = wh.read("quarantine")
+    assert sorted(q.column("reason").to_pylist()) == ["malformed_json", "missing_title"]
+    assert wh.read("products").num_rows == 1
+
+
+def test_duplicate_in_input_first_wins_across_batches(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    state = RunState.load(wh)
+    mapping = resolve_mapping(None, None)
+    rows1, q1 = validate_batch([Record("line:1", {"id": "x", "name": "first"}),
+                                Record("line:2", {"id": "x", "name": "second"})], state,
+                               source="t", mapping=mapping, run_id="r")
+    rows2, q2 = validate_batch([Record("line:3", {"id": "x", "name": "third"})], state, source="t", mapping=mapping,
+                               run_id="r")
+    assert [r["title"] for r in rows1] == ["first"] and rows2 == []
+    assert [q["reason"] for q in q1 + q2] == ["duplicate_in_input"] * 2
+    assert "line:1" in q2[0]["message"] and "third" in q2[0]["payload"]
+
+
+def test_sql_over_tables(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    wh.append("products", products_table(_rows(3), "r", NOW))
+    out = wh.sql("SELECT count(*) AS n, min(title) AS t FROM products")
+    assert out.to_pylist() == [{"n": 3, "t": "Blue Cotton Shirt 0"}]
+    assert wh.list_tables() == ["products"]
+
+
+def test_read_missing_table_is_empty_with_schema(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    t = wh.read("products")
+    assert t.num_rows == 0 and t.schema.names == schema.PRODUCTS.names
+    with pytest.raises(FileNotFoundError, match="enrich ingest"):
+        wh.table("products")
+
+
+def test_products_schema_roundtrip(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    rows = _rows(2)
+    rows[0]["labels"] = [{"attribute": "Colour", "value": "Blue", "field": "title", "begin": 0, "end": 4}]
+    wh.append("products", products_table(rows, "r", NOW))
+    back = wh.read("products").sort_by("product_id").to_pylist()
+    assert back[0]["labels"][0]["value"] == "Blue" and back[0]["specs"] == [{"key": "Colour", "value": "Blue"}]
+    assert pa.types.is_timestamp(wh.read("products").schema.field("first_seen").type)

@@ -1,0 +1,149 @@
+"""Delta Lake tables on Parquet (delta-rs): create, merge idempotently, read any version, query with DuckDB.
+
+Every write is one Delta commit, so it is atomic: a writer killed mid-write leaves the previous version readable.
+Merges are keyed (``schema.*_KEY``), so replaying the same input leaves identical table contents.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+
+from warehouse import schema
+from warehouse.config import WarehouseSettings
+
+KEYS: dict[str, tuple[str, ...]] = {
+    "products": ("product_id",),
+    "media": schema.MEDIA_KEY,
+    "quarantine": schema.QUARANTINE_KEY,
+    "pairs": schema.PAIRS_KEY,
+}
+
+
+def _is_uri(root: str) -> bool:
+    return "://" in root
+
+
+class Warehouse:
+    """The warehouse root: a local folder or an object-store URI (``s3://bucket/prefix``).
+
+    Args:
+        root: where the tables live; default ``ENRICH_WAREHOUSE_ROOT`` or ``data/warehouse``.
+        storage_options: delta-rs object-store options (``AWS_ENDPOINT_URL``, ``AWS_REGION``, ...).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, storage_options: dict[str, str] | None = None):
+        settings = WarehouseSettings()
+        root = str(root if root is not None else settings.warehouse_root)
+        self.root = root if _is_uri(root) else os.path.abspath(root)
+        self.storage_options = dict(storage_options if storage_options is not None else settings.storage_options)
+        if self.root.startswith("s3://"):
+            # One writer per table at a time is guaranteed by the flows' concurrency limit, not by S3.
+            self.storage_options.setdefault("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+        if not _is_uri(self.root):
+            os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"Warehouse({self.root!r})"
+
+    def uri(self, table: str) -> str:
+        return f"{self.root.rstrip('/')}/{table}"
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(table), storage_options=self.storage_options)
+
+    def table(self, table: str, version: int | None = None) -> DeltaTable:
+        if not self.exists(table):
+            raise FileNotFoundError(f"table {table!r} does not exist under {self.root}; run `enrich ingest` first")
+        return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
+
+    def ensure(self, table: str, table_schema: pa.Schema | None = None) -> None:
+        """Create ``table`` empty (version 0) if it does not exist yet."""
+        if self.exists(table):
+            return
+        table_schema = table_schema or schema.TABLES[table]
+        DeltaTable.create(
+            self.uri(table), schema=table_schema, mode="ignore", storage_options=self.storage_options, name=table
+        )
+
+    def version(self, table: str) -> int:
+        return self.table(table).version() if self.exists(table) else -1
+
+    def read(self, table: str, version: int | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+        """The table (optionally at an older ``version``: time travel) as Arrow; empty if it does not exist."""
+        if not self.exists(table):
+            return schema.TABLES[table].empty_table() if table in schema.TABLES else pa.table({})
+        dataset = self.table(table, version).to_pyarrow_dataset()
+        return dataset.to_table(columns=list(columns) if columns else None)
+
+    def history(self, table: str) -> list[dict[str, Any]]:
+        return self.table(table).history()
+
+    # -- writes -------------------------------------------------------------------------------------------------
+
+    def append(self, table: str, data: pa.Table) -> None:
+        """Append rows whose keys are known to be absent (one atomic commit)."""
+        if data.num_rows == 0:
+            return
+        self.ensure(table)
+        write_deltalake(
+            self.uri(table), data.select(schema.TABLES[table].names).cast(schema.TABLES[table]), mode="append",
+            storage_options=self.storage_options,
+        )
+
+    def merge(
+        self,
+        table: str,
+        data: pa.Table,
+        *,
+        update_columns: Sequence[str] | None = None,
+        update_when: str | None = None,
+    ) -> dict[str, Any]:
+        """Upsert ``data`` on the table's key: insert new keys; update matched rows only where ``update_when``
+        (a SQL predicate over ``t`` target and ``s`` source) holds, and only ``update_columns`` (all but the key when
+        None). ``update_columns=()`` makes the merge insert-only. One atomic commit; a no-op writes nothing.
+        """
+        if data.num_rows == 0:
+            return {"num_target_rows_inserted": 0, "num_target_rows_updated": 0}
+        self.ensure(table)
+        target_schema = schema.TABLES[table]
+        data = data.select(target_schema.names).cast(target_schema)
+        key = KEYS[table]
+        predicate = " AND ".join(f"t.{k} = s.{k}" for k in key)
+        merger = self.table(table).merge(data, predicate=predicate, source_alias="s", target_alias="t")
+        cols = [c for c in target_schema.names if c not in key] if update_columns is None else list(update_columns)
+        if cols:
+            merger = merger.when_matched_update(updates={c: f"s.{c}" for c in cols}, predicate=update_when)
+        return merger.when_not_matched_insert_all().execute()
+
+    # -- query --------------------------------------------------------------------------------------------------
+
+    def sql(self, query: str) -> pa.Table:
+        """Run DuckDB SQL over every table under the root (each registered under its name) -> Arrow."""
+        import duckdb
+
+        con = duckdb.connect()
+        for name in self.list_tables():
+            con.register(name, self.table(name).to_pyarrow_dataset())
+        return con.execute(query).fetch_arrow_table()
+
+    def list_tables(self) -> list[str]:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.root, **_fsspec_kwargs(self))
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return [n for n in names if self.exists(n)]
+
+
+def _fsspec_kwargs(wh: Warehouse) -> dict[str, Any]:
+    from warehouse.config import fsspec_options
+
+    return fsspec_options(wh.storage_options) if wh.root.startswith("s3://") else {}
