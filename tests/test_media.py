@@ -420,3 +420,24 @@ def test_s3_fetch_and_store(s3, good_jpg: Path, video) -> None:
     assert client.get_object(Bucket="media", Key=key)["Body"].read()[:3] == b"\xff\xd8\xff"
     run(["img/good.jpg"], ["clip.mp4"], store=store, storage_options=options, base_dir="s3://media/catalog")
     assert store.writes == 5  # idempotent on S3 too
+
+
+def test_non_string_and_empty_uris_are_bad_uris(good_jpg: Path, store: BlobStore) -> None:
+    media, quarantined = run([None, "", str(good_jpg)], store=store)
+    assert [q["reason"] for q in quarantined] == [Reason.MEDIA_BAD_URI.value] * 2
+    assert [r["status"] for r in media] == ["error", "error", "ok"] and media[0]["uri"] == "None"
+
+
+class _FakeFrame:
+    def __init__(self, rotation: int) -> None:
+        self.rotation = rotation
+
+    def to_image(self) -> Image.Image:
+        return Image.new("RGB", (40, 30))
+
+
+@pytest.mark.parametrize(("rotation", "size"), [(0, (40, 30)), (-90, (30, 40)), (90, (30, 40)), (-180, (40, 30))])
+def test_video_display_rotation_applied(rotation: int, size: tuple[int, int]) -> None:
+    from warehouse.media import _frame_image
+
+    assert _frame_image(_FakeFrame(rotation)).size == size

@@ -246,7 +246,7 @@ def write_batch(
     if media:
         wh.merge(
             "media", pa.Table.from_pylist(media, schema=schema.MEDIA),
-            update_when="t.sha256 IS DISTINCT FROM s.sha256 OR t.status != s.status",
+            update_when="coalesce(t.sha256, '') != coalesce(s.sha256, '') OR t.status != s.status",
         )
     if quarantine:
         wh.merge("quarantine", pa.Table.from_pylist(quarantine, schema=schema.QUARANTINE), update_columns=())

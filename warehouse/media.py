@@ -7,6 +7,7 @@ the fix; ``process_product_media`` turns a product's media list into ``media`` r
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import os
@@ -15,6 +16,8 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -47,7 +50,10 @@ _NOT_VIDEO_FORMATS = {"image2", "tty", "lavfi", "gif", "apng", "webp_pipe"}
 
 # PIL's decompression-bomb guard is the module global Image.MAX_IMAGE_PIXELS; it is set from the call's
 # MediaConfig for the duration of each open, under this lock, so concurrent calls with different limits are safe.
+# Pillow checks again while loading only some formats (GIF frames, ICO/ICNS members, ...): those load under the
+# lock too, while these common formats decode outside it, in parallel across threads.
 _PIL_GUARD_LOCK = threading.Lock()
+_LOAD_UNGUARDED = {"JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP"}
 
 
 @dataclass(frozen=True)
@@ -353,14 +359,15 @@ def _short(e: BaseException, cap: int = 200) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _open_guarded(data: bytes, max_pixels: int) -> Image.Image:
-    """``Image.open`` with PIL's bomb guard set to ``max_pixels`` for this call; its warning is an error here."""
+@contextmanager
+def _pil_guard(max_pixels: int) -> Iterator[None]:
+    """PIL's bomb guard set to ``max_pixels`` for the block, its warning an error (the limit is this call's)."""
     with _PIL_GUARD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
-            return Image.open(io.BytesIO(data))
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -432,7 +439,8 @@ def decode_image(
 
     # 1. Header + structural check. verify() leaves the image unusable, so it is opened again below.
     try:
-        probe = _open_guarded(data, cfg.max_pixels)
+        with _pil_guard(cfg.max_pixels):
+            probe = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _bomb(uri, None, cfg, _short(e)) from e
     except Exception as e:  # UnidentifiedImageError, or a header so broken the plugin raised
@@ -453,14 +461,16 @@ def decode_image(
 
     # 2. Decode for real, at reduced scale when a JPEG is much larger than the stored copy.
     try:
-        im = _open_guarded(data, cfg.max_pixels)
-        target = _scaled(raw_size, max_side)
-        if fmt in ("JPEG", "MPO") and target != raw_size:
-            im.draft("RGB", target)  # DCT-domain 1/2, 1/4, 1/8 scaling; the result is still >= target
-        decoded = im.size
-        orientation = im.getexif().get(0x0112, 1)
-        im = ImageOps.exif_transpose(im)  # loads the pixels; a copy rotated/flipped upright when tagged
-        im.load()
+        with _pil_guard(cfg.max_pixels):
+            im = Image.open(io.BytesIO(data))
+        with nullcontext() if fmt in _LOAD_UNGUARDED else _pil_guard(cfg.max_pixels):
+            target = _scaled(raw_size, max_side)
+            if fmt in ("JPEG", "MPO") and target != raw_size:
+                im.draft("RGB", target)  # DCT-domain 1/2, 1/4, 1/8 scaling; the result is still >= target
+            decoded = im.size
+            orientation = im.getexif().get(0x0112, 1)
+            ImageOps.exif_transpose(im, in_place=True)  # loads the pixels, then rotates/flips upright if tagged
+            im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise _bomb(uri, raw_size, cfg) from e
     except Exception as e:  # OSError "image file is truncated", "broken data stream", SyntaxError, ...
@@ -475,7 +485,7 @@ def decode_image(
         raise corrupt(e, fmt) from e
     out_size = _scaled(im.size, max_side)
     if out_size != im.size:
-        im = im.resize(out_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        im = im.resize(out_size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return im, {"sha256": sha, "width": width, "height": height, "format": fmt}
 
 
@@ -483,15 +493,13 @@ def decode_image(
 # Videos
 # ---------------------------------------------------------------------------------------------------------------
 
-_SEEK_GAP_S = 2.0  # seek only when the next target is further ahead than this; else decoding forward is cheaper
-
 
 def sample_video_frames(
     data: bytes, n: int, *, uri: str = "<bytes>", max_pixels: int | None = None
 ) -> list[tuple[float, Image.Image]]:
     """``n`` frames sampled uniformly over a video's duration, as ``(seconds from start, RGB image)``.
 
-    Targets are the midpoints of ``n`` equal slices of the duration; each picks the first frame at or after it.
+    Targets are the midpoints of ``n`` equal slices of the duration; each picks the nearest frame not picked yet.
     Streams without a known duration are counted first (demux only, no decoding) and frames picked by index.
     Short videos may give fewer than ``n`` distinct frames; timestamps are strictly increasing.
 
@@ -565,9 +573,17 @@ def _duration(container: Any, stream: Any) -> float | None:
     return None
 
 
+_DISPLAY_ROTATION = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180}
+
+
 def _frame_image(frame: Any) -> Image.Image:
+    """A decoded frame as an upright RGB image (phone videos carry their rotation in a display matrix)."""
     im = frame.to_image()
-    return im if im.mode == "RGB" else im.convert("RGB")
+    im = im if im.mode == "RGB" else im.convert("RGB")
+    rotation = round(getattr(frame, "rotation", 0) or 0)  # degrees counterclockwise, as PIL's ROTATE_90
+    if abs(rotation) == 180:
+        rotation = 180
+    return im.transpose(_DISPLAY_ROTATION[rotation]) if rotation in _DISPLAY_ROTATION else im
 
 
 def _start_time(stream: Any) -> float:
@@ -575,16 +591,24 @@ def _start_time(stream: Any) -> float:
 
 
 def _pick_by_time(container: Any, stream: Any, duration: float, n: int) -> list[tuple[float, Image.Image]]:
-    """For each target time, the nearest decoded frame not already picked; seeks only across long gaps."""
+    """For each target time, the nearest decoded frame not already picked.
+
+    A demux-only pass (no decoding, cheap) lists the keyframes first; a target seeks only when a keyframe lies
+    between the last decoded frame and it, so a one-GOP clip is decoded once, a long one only near its targets.
+    """
     start = _start_time(stream)
+    tb = stream.time_base
     targets = [start + (k + 0.5) * duration / n for k in range(n)]
+    key_pts = sorted(p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None)
     picks: list[tuple[float, Image.Image]] = []
-    frames = (f for f in container.decode(stream) if f.time is not None)
+    frames: Iterator[Any] = iter(())
     before = after = None  # the decoded frames around the target: before.time < target <= after.time
     for target in targets:
+        i = bisect.bisect_right(key_pts, target / tb) - 1
+        keyframe = key_pts[max(i, 0)] if key_pts else int(start / tb)
         newest = after or before
-        if target - (newest.time if newest else start) > _SEEK_GAP_S:  # lands on the keyframe before target
-            container.seek(int(target / stream.time_base), stream=stream, backward=True, any_frame=False)
+        if newest is None or (key_pts and keyframe > newest.pts):  # decoders are flushed by seek
+            container.seek(keyframe, stream=stream, backward=True, any_frame=False)
             frames = (f for f in container.decode(stream) if f.time is not None)
             before = after = None
         while after is None or after.time < target:
@@ -649,6 +673,11 @@ def _media_row(product_id: str, uri: str, kind: str, run_id: str, **fields: Any)
     return row
 
 
+def _unique_uris(values: Any) -> dict[str, bool]:
+    """URI text -> whether it was a string, in catalog order, duplicates once (non-strings kept as their repr)."""
+    return {v if isinstance(v, str) else repr(v): isinstance(v, str) for v in values or []}
+
+
 def process_image(
     uri: str, *, cfg: MediaConfig, store: BlobStore, storage_options: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -670,7 +699,7 @@ def process_video(
         width, height = frame.size
         small = _scaled(frame.size, cfg.store_max_side)
         if small != frame.size:
-            frame = frame.resize(small, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            frame = frame.resize(small, Image.Resampling.BICUBIC, reducing_gap=3.0)
         blob = encode_jpeg(frame, cfg.jpeg_quality)
         sha = hashlib.sha256(blob).hexdigest()
         out.append(
@@ -731,16 +760,23 @@ def process_product_media(
             )
         )
 
-    for uri in dict.fromkeys(images or []):
+    def not_a_string(uri: str, what: str) -> MediaError:
+        return MediaError(Reason.MEDIA_BAD_URI, f"{what} {uri}: not a string; the catalog must list URIs as strings")
+
+    for uri, is_str in _unique_uris(images).items():
         try:
+            if not is_str:
+                raise not_a_string(uri, "image")
             fields = process_image(resolve_uri(uri, base_dir), cfg=cfg, store=store, storage_options=storage_options)
         except MediaError as e:
             fail(uri, "image", e)
             continue
         media.append(_media_row(product_id, uri, "image", run_id, status="ok", **fields))
 
-    for uri in dict.fromkeys(videos or []):
+    for uri, is_str in _unique_uris(videos).items():
         try:
+            if not is_str:
+                raise not_a_string(uri, "video")
             frames = process_video(resolve_uri(uri, base_dir), cfg=cfg, store=store, storage_options=storage_options)
         except MediaError as e:
             fail(uri, "video_frame", e)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import random
@@ -57,6 +58,7 @@ IMAGE_SIZE = 256
 VIDEO_SIZE = 256
 VIDEO_FPS = 10
 VIDEO_SECONDS = 2
+VIDEO_CODECS = ("libx264", "h264", "mpeg4")  # first one this FFmpeg build can encode wins
 MIN_PRODUCTS = 30  # room for every bad-row kind with good rows between them
 LONG_TITLE_CHARS = 1_000_000
 
@@ -209,6 +211,8 @@ class SampleCatalog:
 
 @dataclass
 class Product:
+    """One generated listing, before it is written in the retailer format."""
+
     sku: str
     family: Family
     attrs: dict[str, str]  # canonical attribute name -> value
@@ -235,8 +239,9 @@ def _sample_attrs(fam: Family, rng: random.Random) -> dict[str, str]:
         if fam.name in ("dress", "skirt"):
             a["garment_length"] = rng.choice(GARMENT_LENGTHS)
     elif fam.group == "shoes":
-        a["material"] = rng.choice(SHOE_MATERIALS)
-        a["closure"] = rng.choice(("Lace-Up", "Slip-On") if fam.name == "sneaker" else CLOSURES)
+        a["material"] = rng.choice(SHOE_MATERIALS[:2] if fam.name == "pump" else SHOE_MATERIALS)
+        closures = {"sneaker": ("Lace-Up", "Slip-On"), "pump": ("Slip-On", "Buckle"), "boot": CLOSURES}[fam.name]
+        a["closure"] = rng.choice(closures)
         heel = {"sneaker": (2, 3), "boot": (2, 3, 4, 5), "pump": (5, 7, 8, 10)}[fam.name]
         a["heel_height"] = f"{rng.choice(heel)} cm"
     elif fam.group == "drinkware":
@@ -256,7 +261,7 @@ def _title(fam: Family, a: dict[str, str], rng: random.Random) -> tuple[str, set
     """A title over a random subset of the attributes; returns it and the attributes it names."""
     use = {k for k in a if k not in ("brand",) and rng.random() < 0.65}
     use.add("brand")
-    if rng.random() < 0.85:
+    if rng.random() < 0.75:
         use.add("colour")
     noun = rng.choice(fam.nouns)
 
@@ -320,7 +325,7 @@ def _specs(fam: Family, a: dict[str, str], in_text: set[str], rng: random.Random
     rows: list[tuple[str, str]] = []
     for k, v in a.items():
         if k not in in_text:
-            implicit = k in VISUAL_ATTRIBUTES and rng.random() < 0.35
+            implicit = k in VISUAL_ATTRIBUTES and rng.random() < 0.5
             if not implicit:
                 rows.append((SPEC_KEYS[k], v))
         elif rng.random() < 0.35:
@@ -417,6 +422,14 @@ def _perturb_title(p: Product, rng: random.Random) -> str:
 # Images: a product silhouette in the product's colour on a clean, slightly shaded background.
 
 
+@functools.cache
+def _light() -> np.ndarray:
+    """Light falling from the top left: a (N, N, 1) brightness factor."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) / IMAGE_SIZE
+    return (1.12 - 0.28 * (0.6 * yy + 0.4 * xx))[..., None]
+
+
+@functools.cache
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
@@ -609,9 +622,7 @@ def render_image(fam: Family, attrs: dict[str, str], seed: int, view: int = 0) -
     rgb = tuple(int(c) for c in np.clip(base, 0, 255))
     layer = Image.new("RGB", (n, n), rgb)
     _pattern(layer, attrs.get("pattern", "Solid"), rgb, rng)
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / n
-    light = 1.12 - 0.28 * (0.6 * yy + 0.4 * xx)
-    arr = np.asarray(layer, dtype=np.float32) * light[..., None]
+    arr = np.asarray(layer, dtype=np.float32) * _light()
     layer = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     img.paste(layer, (0, 0), mask.filter(ImageFilter.GaussianBlur(0.8)))
     edge = mask.filter(ImageFilter.FIND_EDGES).filter(ImageFilter.GaussianBlur(0.6))
@@ -622,7 +633,9 @@ def render_image(fam: Family, attrs: dict[str, str], seed: int, view: int = 0) -
     d.text((10, n - 22), attrs["brand"].upper(), fill=(70, 70, 78), font=_font(13))
 
     # Sensor noise, so no region is perfectly flat.
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 3.0, (n, n, 1)) + rng.normal(0, 1.5, (n, n, 3))
+    noise = 3.0 * rng.standard_normal((n, n, 1), dtype=np.float32)  # luminance
+    noise = noise + 1.5 * rng.standard_normal((n, n, 3), dtype=np.float32)  # chroma
+    arr = np.asarray(img, dtype=np.float32) + noise
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -638,7 +651,7 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 def _open_video_stream(container: Any) -> tuple[Any, str]:
     last: Exception | None = None
-    for codec in ("libx264", "h264", "mpeg4"):
+    for codec in VIDEO_CODECS:
         try:
             stream = container.add_stream(codec, rate=VIDEO_FPS)
         except Exception as exc:  # codec not built into this PyAV/FFmpeg
@@ -652,7 +665,7 @@ def _open_video_stream(container: Any) -> tuple[Any, str]:
             stream.options = {"crf": "28", "preset": "veryfast", "threads": "1"}
         stream.thread_count = 1
         return stream, codec
-    raise RuntimeError(f"No usable video encoder in this PyAV build (tried libx264, h264, mpeg4): {last}")
+    raise RuntimeError(f"No usable video encoder in this PyAV build (tried {', '.join(VIDEO_CODECS)}): {last}")
 
 
 def write_video(path: Path, image: Image.Image, seed: int) -> str:
@@ -751,7 +764,7 @@ def _bad_line(kind: str, p: Product, dup_of: str, media: _MediaWriter) -> tuple[
         row["name"] = (word * (LONG_TITLE_CHARS // len(word) + 1))[:LONG_TITLE_CHARS].strip()
         return _dumps(row), p.sku, "field_too_long", f"name is {LONG_TITLE_CHARS:,} characters"
     if kind == "invalid_utf8":
-        row["description"] = "Inspired by the café culture of Lisbon. " + p.description
+        row["description"] = p.description + " Inspired by the café culture of Lisbon."  # spans stay valid
         raw = _dumps(row).replace("café".encode(), "café".encode("latin-1"))  # a Latin-1 byte: b"\xe9"
         return raw, p.sku, "invalid_utf8", "description has a Latin-1 byte 0xE9 (not UTF-8)"
     if kind == "bad_specs":

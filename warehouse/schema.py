@@ -127,9 +127,21 @@ def empty_row(**values: Any) -> dict[str, Any]:
 
 
 def content_hash(row: Mapping[str, Any]) -> str:
-    """Stable hash of the fields that define a product's content (``HASHED_FIELDS``)."""
-    payload = json.dumps([row.get(f) for f in HASHED_FIELDS], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.blake2b(payload.encode("utf-8"), digest_size=16).hexdigest()
+    """Stable hash of the fields that define a product's content (``HASHED_FIELDS``): blake2b-128 of their compact
+    JSON (UTF-8, no spaces), identical to ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``."""
+    payload = _dumps([row.get(f) for f in HASHED_FIELDS])
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+try:
+    import orjson
+
+    def _dumps(value: Any) -> bytes:
+        return orjson.dumps(value)
+except ImportError:  # pragma: no cover
+
+    def _dumps(value: Any) -> bytes:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def to_canonical_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

@@ -129,7 +129,7 @@ class Warehouse:
         con = duckdb.connect()
         for name in self.list_tables():
             con.register(name, self.table(name).to_pyarrow_dataset())
-        return con.execute(query).fetch_arrow_table()
+        return con.sql(query).to_arrow_table()
 
     def list_tables(self) -> list[str]:
         import fsspec
