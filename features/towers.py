@@ -187,7 +187,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
 
     A checkpoint already in the model's names passes through. Otherwise tensors are paired by position and every
     pair must have the same shape; trailing checkpoint tensors are dropped only when they are the classifier and the
-    model has none (``num_classes=0``).
+    model has none (``num_classes=0``). Pairing by position needs the checkpoint's original tensor order, which a
+    ``.pth`` keeps and a ``.safetensors`` file does not (it sorts keys): store safetensors under the model's names.
     """
     target = model.state_dict()
     if set(state_dict) >= set(target):
@@ -203,7 +204,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: nn.Module) -> 
         if tensor.shape != expected.shape:
             raise ValueError(
                 f"Checkpoint tensor #{i} {src_key!r} has shape {tuple(tensor.shape)} but model parameter {dst_key!r} "
-                f"needs {tuple(expected.shape)}: the checkpoint is for another architecture (or variant)."
+                f"needs {tuple(expected.shape)}: the checkpoint is for another architecture, or its tensors lost "
+                f"their original order (safetensors files sort keys: save those under the model's own names)."
             )
         out[dst_key] = tensor
     extra = [k for k, _ in src[len(dst) :]]

@@ -193,15 +193,14 @@ def import_dataset(
 
     summary = run_batches(batches(), wh=wh, source=dataset, mapping=resolve_mapping(None, None),
                           media_cfg=MediaConfig() if media else None)
-    if hasattr(importer, "iter_pairs"):
+    if getattr(importer, "iter_pairs", None) is not None:
         import pyarrow as pa
 
         from warehouse import schema
 
-        pairs = list(importer.iter_pairs(path, split=split))
-        wh.merge("pairs", pa.Table.from_pylist(pairs, schema=schema.PAIRS), update_columns=["label"],
-                 update_when="t.label != s.label")
-        summary["pairs"] = len(pairs)
+        pairs = pa.Table.from_pylist(list(importer.iter_pairs(path, split=split)), schema=schema.PAIRS)
+        wh.merge("pairs", pairs, update_when="t.label != s.label OR t.left_id != s.left_id OR t.right_id != s.right_id")
+        summary["pairs"] = pairs.num_rows
     if "stats" in stats_holder:
         summary["import_stats"] = stats_holder["stats"].as_dict()
     return summary

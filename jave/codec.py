@@ -6,8 +6,9 @@ fast tokenizer whose character offsets tie every token to the text. With A attri
 
 Encoding rules (``encode``):
   * a token belongs to a span when their character ranges overlap; the first such token gets B, the rest I.
-    Spans that start or end inside a token therefore expand to token boundaries ("5g" inside "3.5g," is fine:
-    WordPiece splits punctuation, so it covers the tokens "5", "##g"; "XL" inside "XXL" widens to "xxl").
+    Spans that start or end inside a token therefore expand to token boundaries ("3.5g" inside "3.5g," is exact:
+    WordPiece splits punctuation, so it covers "3", ".", "5", "##g"; "Letter" inside "Letters" widens to
+    "Letters"), and leading or trailing whitespace in a span, which no token covers, drops out on decoding.
   * overlapping spans: the longer span wins (ties: the earlier one, then the attribute that sorts first); a span
     sharing any token with a span already placed is dropped whole and counted in ``SpanStats.conflicts``. The
     same attribute over the same tokens twice is one span (``duplicates``).
@@ -131,8 +132,21 @@ class FieldOffsets(Mapping[str, int]):
     def __repr__(self) -> str:
         return f"FieldOffsets({self.ranges!r})"
 
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FieldOffsets):
+            return self.ranges == other.ranges
+        return super().__eq__(other)
+
     def end(self, name: str) -> int:
         return self.ranges[name][1]
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {n: [b, e] for n, (b, e) in self.ranges.items()}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Sequence[int]]) -> FieldOffsets:
+        """From ``to_json``'s ``{field: [begin, end]}``."""
+        return cls({n: (int(b), int(e)) for n, (b, e) in obj.items()})
 
     def to_text(self, name: str, begin: int, end: int) -> tuple[int, int]:
         """A field-relative span -> offsets into the model text."""
@@ -220,7 +234,7 @@ class Encoded:
     stats: SpanStats
 
 
-def _token_fields(offsets: np.ndarray, field_offsets: Mapping[str, int] | None, text_len: int) -> np.ndarray:
+def _token_fields(offsets: np.ndarray, field_offsets: FieldOffsets | None, text_len: int) -> np.ndarray:
     token_field = np.full(len(offsets), -1, dtype=np.int64)
     real = offsets[:, 1] > offsets[:, 0]
     for name, b, e in _field_ranges(field_offsets, text_len):
@@ -228,15 +242,19 @@ def _token_fields(offsets: np.ndarray, field_offsets: Mapping[str, int] | None, 
     return token_field
 
 
-def _field_ranges(field_offsets: Mapping[str, int] | None, text_len: int) -> list[tuple[str, int, int]]:
-    """(field, begin, end) of each field; a plain ``{field: begin}`` dict's fields end where the next begins."""
+def _field_ranges(field_offsets: FieldOffsets | None, text_len: int) -> list[tuple[str, int, int]]:
+    """(field, begin, end) of each field in the text."""
     if field_offsets is None:
         return [("title", 0, text_len)]
-    if isinstance(field_offsets, FieldOffsets):
-        return [(n, b, e) for n, (b, e) in field_offsets.ranges.items()]
-    starts = sorted((b, n) for n, b in field_offsets.items())
-    ends = [b for b, _ in starts[1:]] + [text_len]
-    return [(n, b, e) for (b, n), e in zip(starts, ends, strict=True)]
+    if not isinstance(field_offsets, FieldOffsets):
+        if any(isinstance(v, int) for v in field_offsets.values()):
+            raise TypeError(
+                f"field_offsets {dict(field_offsets)!r} gives where fields begin but not where they end, so the "
+                "separators between them cannot be told apart; pass build_text's FieldOffsets (or "
+                "FieldOffsets.from_json of its to_json())"
+            )
+        field_offsets = FieldOffsets.from_json(field_offsets)
+    return [(n, b, e) for n, (b, e) in field_offsets.ranges.items()]
 
 
 def _assign_tags(
@@ -259,7 +277,7 @@ def _assign_tags(
         cut = end > visible and bool(text[visible:end].strip())
         if cut:
             stats.truncated += 1
-        if lo >= hi:
+        if lo >= hi or begin == end:
             stats.empty += not cut
             continue
         if (a, lo, hi) in placed:
@@ -282,7 +300,7 @@ def encode_batch(
     tokenizer: Any,
     vocab: AttributeVocab,
     max_length: int,
-    field_offsets: Sequence[Mapping[str, int] | None] | None = None,
+    field_offsets: Sequence[FieldOffsets | None] | None = None,
 ) -> list[Encoded]:
     """``encode`` for many texts with one (Rust, parallel) tokenizer call."""
     if not getattr(tokenizer, "is_fast", False):
@@ -315,7 +333,7 @@ def encode(
     tokenizer: Any,
     vocab: AttributeVocab,
     max_length: int,
-    field_offsets: Mapping[str, int] | None = None,
+    field_offsets: FieldOffsets | None = None,
 ) -> Encoded:
     """Tokenize ``text`` and tag its tokens with the BIO tags of ``spans`` (rules in the module docstring).
 
@@ -372,7 +390,7 @@ def decode(
     offsets: Any,
     tags: Any,
     vocab: AttributeVocab,
-    field_offsets: Mapping[str, int] | None = None,
+    field_offsets: FieldOffsets | None = None,
 ) -> list[Extraction]:
     """Token tags (or tag probabilities) -> extracted values with field-relative spans (rules in the module doc).
 

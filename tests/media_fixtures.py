@@ -73,7 +73,9 @@ def png_header_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     )
 
 
-def write_video(path: Path, seconds: float = 2.0, fps: int = 10, size: tuple[int, int] = (320, 240)) -> str:
+def write_video(
+    path: Path, seconds: float = 2.0, fps: int = 10, size: tuple[int, int] = (320, 240), gop: int | None = None
+) -> str:
     """An MP4 made from real photos (shifted a little every frame); returns the codec name readers see."""
     import av
 
@@ -81,7 +83,7 @@ def write_video(path: Path, seconds: float = 2.0, fps: int = 10, size: tuple[int
     with av.open(str(path), mode="w") as container:
         for codec in ("libx264", "h264", "mpeg4"):
             try:
-                stream = container.add_stream(codec, rate=fps)
+                stream = container.add_stream(codec, rate=fps, options={"g": str(gop)} if gop else {})
                 break
             except Exception:  # codec not in this FFmpeg build
                 continue

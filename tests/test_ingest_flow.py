@@ -191,3 +191,23 @@ def test_kill_mid_ingest_then_rerun(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     ids = wh.read("products").column("product_id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n
+
+
+def test_import_flow_reproduces_published_counts(tmp_path, prefect_harness):
+    from flows.ingest import import_dataset
+    from tests.conftest import shared_path
+
+    ditto = shared_path("ditto")
+    mepave = shared_path("mepave-sample")
+    wh_root = str(tmp_path / "wh")
+    s1 = import_dataset("mepave", str(mepave), warehouse_root=wh_root)
+    assert (s1["read"], s1["accepted"], s1["quarantined"]) == (90, 90, 0)
+    s2 = import_dataset("ditto", str(ditto), split="test", warehouse_root=wh_root)
+    assert s2["quarantined"] == 0
+    wh = Warehouse(wh_root)
+    out = wh.sql("SELECT count(*) AS n, sum(label) AS m FROM pairs WHERE benchmark = 'ditto/Abt-Buy' AND split = 'test'")
+    assert out.to_pylist() == [{"n": 1916, "m": 206}]  # ../shared/data/README.md: 1,916 pairs, 206 matches
+    spans = wh.sql("SELECT title, unnest(labels) AS l FROM products WHERE source = 'mepave'").to_pylist()
+    assert spans and all(r["title"][r["l"]["begin"] : r["l"]["end"]] == r["l"]["value"] for r in spans)
+    again = import_dataset("ditto", str(ditto), split="test", warehouse_root=wh_root)
+    assert again["new"] == 0 and wh.read("pairs").num_rows == s2["pairs"]

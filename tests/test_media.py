@@ -297,6 +297,20 @@ def test_sample_video_frames_uniform(video) -> None:
     assert len(many) == 20 and many == sorted(set(many))
 
 
+def test_seeking_across_keyframes_picks_the_right_frames(tmp_path: Path) -> None:
+    import av
+    import numpy as np
+
+    path = tmp_path / "gop5.mp4"
+    write_video(path, seconds=4.0, fps=10, gop=5)  # a keyframe every 0.5 s: targets are reached by seeking
+    with av.open(str(path)) as c:
+        every = {round(f.time, 3): np.asarray(f.to_image(), dtype=np.int16) for f in c.decode(video=0)}
+    frames = sample_video_frames(path.read_bytes(), 4)
+    assert [round(ts, 3) for ts, _ in frames] == [0.5, 1.5, 2.5, 3.5]
+    for ts, im in frames:  # the very frame a straight decode gives at that time
+        assert np.abs(np.asarray(im, dtype=np.int16) - every[round(ts, 3)]).max() == 0
+
+
 def test_video_frames_rows_and_blobs(video, good_jpg: Path, store: BlobStore) -> None:
     path, codec = video
     media, quarantined = run([str(good_jpg)], [str(path)], store=store)

@@ -105,12 +105,15 @@ PAIRS = pa.schema(
     [
         pa.field("benchmark", pa.string(), nullable=False),  # e.g. ditto/Abt-Buy
         pa.field("split", pa.string(), nullable=False),  # train | valid | test
+        pa.field("line", pa.int32(), nullable=False),  # 1-based line in the benchmark file: every line is kept
         pa.field("left_id", pa.string(), nullable=False),
         pa.field("right_id", pa.string(), nullable=False),
         pa.field("label", pa.int8(), nullable=False),  # 1 match, 0 non-match
     ]
 )
-PAIRS_KEY = ("benchmark", "split", "left_id", "right_id")
+# Keyed by file line, not by (left, right): the published files repeat a few pairs (some with both labels) and
+# the published metrics count every line.
+PAIRS_KEY = ("benchmark", "split", "line")
 
 TABLES: dict[str, pa.Schema] = {"products": PRODUCTS, "media": MEDIA, "quarantine": QUARANTINE, "pairs": PAIRS}
 
@@ -128,7 +131,11 @@ def empty_row(**values: Any) -> dict[str, Any]:
 
 def content_hash(row: Mapping[str, Any]) -> str:
     """Stable hash of the fields that define a product's content (``HASHED_FIELDS``): blake2b-128 of their compact
-    JSON (UTF-8, no spaces), identical to ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``."""
+    JSON (UTF-8, no spaces), identical to ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``.
+
+    ``content_hashes`` computes the same bytes for a whole Arrow table; an unchanged product must never look
+    changed because the other path hashed it, so the two are tested against each other.
+    """
     payload = _dumps([row.get(f) for f in HASHED_FIELDS])
     return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
@@ -142,6 +149,89 @@ except ImportError:  # pragma: no cover
 
     def _dumps(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+# JSON string escaping as orjson and ``json.dumps(ensure_ascii=False)`` both do it: ", \ and the C0 controls,
+# five of them with short escapes, the rest as \u00XX; everything else (non-ASCII, DEL, U+2028) verbatim.
+_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
+_SHORT_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
+_LONG_ESCAPE = r"[\x00-\x07\x0b\x0e-\x1f]"
+
+
+def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each string as a JSON string literal (null -> ``null``), byte-identical to ``_dumps`` of the Python str."""
+    import pyarrow.compute as pc
+
+    values = _one_chunk(values).cast(pa.string())
+    needs = pc.match_substring_regex(values, _NEEDS_ESCAPE).fill_null(False)
+    if pc.any(needs).as_py():
+        sub = values.filter(needs)
+        if pc.any(pc.match_substring_regex(sub, _LONG_ESCAPE)).as_py():  # rare: let the encoder do these rows
+            escaped = pa.array([_dumps(v).decode("utf-8")[1:-1] for v in sub.to_pylist()], pa.string())
+        else:
+            escaped = sub
+            for raw, esc in _SHORT_ESCAPES:
+                escaped = pc.replace_substring(escaped, raw, esc)
+        values = pc.replace_with_mask(values, needs, escaped)
+    return pc.fill_null(pc.binary_join_element_wise('"', values, '"', ""), "null")
+
+
+def _json_lists(items: pa.Array, offsets: pa.Array, valid: pa.Array | None) -> pa.Array:
+    """Per-list JSON arrays ``[a,b]`` from already-encoded element strings ``items`` (null list -> ``null``)."""
+    import pyarrow.compute as pc
+
+    lists = pa.ListArray.from_arrays(offsets, items, mask=None if valid is None else pc.invert(valid))
+    joined = pc.binary_join_element_wise("[", pc.binary_join(lists, ","), "]", "")
+    return pc.fill_null(joined, "null")
+
+
+def _list_parts(values: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array | None]:
+    """(flattened values, offsets from 0, validity or None) of a list array, slices and null lists handled."""
+    import pyarrow.compute as pc
+
+    offsets = values.offsets
+    offsets = pc.subtract(offsets, offsets[0]) if len(offsets) and offsets[0].as_py() else offsets
+    valid = values.is_valid() if values.null_count else None
+    return values.flatten(), offsets, valid
+
+
+def content_hashes(table: pa.Table) -> pa.Array:
+    """``content_hash`` of every row of a table with the ``HASHED_FIELDS`` columns, vectorized (same bytes)."""
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    parts: list[Any] = []
+    for name in HASHED_FIELDS:
+        col = _one_chunk(table.column(name))
+        if name == "specs":
+            flat, offsets, valid = _list_parts(col)
+            keys = json_strings(flat.field("key"))
+            vals = json_strings(flat.field("value"))
+            entries = pc.binary_join_element_wise('{"key":', keys, ',"value":', vals, "}", "")
+            part = _json_lists(entries, offsets, valid)
+        elif name in ("images", "videos"):
+            flat, offsets, valid = _list_parts(col)
+            part = _json_lists(json_strings(flat), offsets, valid)
+        elif name == "labels":  # rows with labels (rare: imported datasets) are hashed one by one below
+            labelled = pc.not_equal(pc.list_value_length(col).fill_null(-1), 0)
+            part = "[]"
+        else:
+            part = json_strings(col)
+        parts += [part, ","]
+    parts[-1] = "]"
+    payload = pc.binary_join_element_wise("[", *parts, "").cast(pa.binary()) if n else pa.array([], pa.binary())
+    blake2b = hashlib.blake2b
+    hashes = pa.array([blake2b(p, digest_size=16).hexdigest() for p in payload.to_pylist()], pa.string())
+    if n and pc.any(labelled).as_py():
+        rows = table.filter(labelled).select(list(HASHED_FIELDS)).to_pylist()
+        hashes = pc.replace_with_mask(hashes, labelled, pa.array([content_hash(r) for r in rows], pa.string()))
+    return hashes
+
+
+def _one_chunk(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    return values
 
 
 def to_canonical_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:

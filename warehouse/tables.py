@@ -128,7 +128,14 @@ class Warehouse:
 
         con = duckdb.connect()
         for name in self.list_tables():
-            con.register(name, self.table(name).to_pyarrow_dataset())
+            dt = self.table(name)
+            # DuckDB pushes string filters down as string_view literals, which pyarrow cannot compare with plain
+            # string columns: read top-level strings as string_view so `WHERE split = 'test'` works.
+            base = dt.to_pyarrow_dataset().schema
+            view = pa.schema(
+                [pa.field(f.name, pa.string_view(), f.nullable) if f.type == pa.string() else f for f in base]
+            )
+            con.register(name, dt.to_pyarrow_dataset(schema=view))
         return con.sql(query).to_arrow_table()
 
     def list_tables(self) -> list[str]:

@@ -18,9 +18,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Protocol
 
+# one linearization for label offsets here and for the model text in jave/codec.py
+from features.text import SPEC_KV_SEP, SPEC_SEP, linearize_specs  # noqa: F401
+
 NA_VALUE = "n/a"  # the attribute applies to the product but has no value (ExtractGPT / WDC-PAVE convention)
-SPEC_KV_SEP = ": "
-SPEC_SEP = " | "
+
 TEXT_FIELDS: tuple[str, ...] = ("title", "description", "specs")
 
 PathLike = str | Path
@@ -168,11 +170,6 @@ def make_label(
     if field is not None and field not in TEXT_FIELDS:
         raise ValueError(f"Unknown label field {field!r}; expected one of {TEXT_FIELDS} or None")
     return {"attribute": attribute, "value": value, "field": field, "begin": begin, "end": end}
-
-
-def linearize_specs(specs: Sequence[Mapping[str, str]]) -> str:
-    """The spec table as one string: ``"key: value | key: value"`` — what ``field == "specs"`` offsets index."""
-    return SPEC_SEP.join(f"{s['key']}{SPEC_KV_SEP}{s['value']}" for s in specs)
 
 
 def _spec_value_regions(specs: Sequence[Mapping[str, str]]) -> Iterator[tuple[int, str]]:

@@ -165,6 +165,7 @@ def iter_pairs(path: PathLike, split: str | None = None, *, benchmark: str | Non
                 yield {
                     "benchmark": f"{DATASET}/{bench}",
                     "split": s,
+                    "line": lineno + 1,
                     "left_id": record_id(bench, left),
                     "right_id": record_id(bench, right),
                     "label": int(label),
