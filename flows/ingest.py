@@ -147,13 +147,15 @@ def ingest(
     """
     import os
 
+    from warehouse.config import fsspec_options
     from warehouse.media import MediaConfig
 
     wh = Warehouse(warehouse_root)
     fmt = detect_format(path, fmt)
     base_dir = os.path.dirname(os.path.abspath(path)) if "://" not in path else path.rsplit("/", 1)[0]
     return run_batches(
-        read_batches(path, fmt, batch_size), wh=wh, source=source or path, mapping=resolve_mapping(None, mapping),
+        read_batches(path, fmt, batch_size, storage_options=fsspec_options(wh.storage_options) if path.startswith("s3://") else None),
+        wh=wh, source=source or path, mapping=resolve_mapping(None, mapping),
         media_cfg=MediaConfig(video_frames=video_frames, timeout_s=media_timeout_s, retries=media_retries) if media else None,
         base_dir=base_dir,
     )

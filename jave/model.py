@@ -159,14 +159,16 @@ class JaveModel(nn.Module):
             return None
         media = batch.media_mask  # (B, M)
         if batch.has_visual_features:
-            glob, regions = batch.visual_global, batch.visual_regions  # (B, M, Dv), (B, M, R, Dv)
+            # Zero the empty slots: a cache may fill them with anything, and 0 x NaN would still be NaN.
+            glob = batch.visual_global.masked_fill(~media[:, :, None], 0.0)  # (B, M, Dv)
+            regions = batch.visual_regions.masked_fill(~media[:, :, None, None], 0.0)  # (B, M, R/M, Dv)
         elif batch.pixel_values is None:
             raise ValueError(
                 "ProductBatch has media (media_mask is True somewhere) but neither pixel_values nor precomputed "
                 "visual_global/visual_regions; pass one of them, or set media_mask False for products without media."
             )
         else:
-            g, r = self.image_tower(batch.pixel_values[media])  # (N, Dv), (N, R', Dv) for the N real media only
+            g, r = self.image_tower(batch.pixel_values[media])  # (N, Dv), (N, R/M, Dv) for the N real media only
             glob = g.new_zeros(*media.shape, g.shape[-1])
             regions = r.new_zeros(*media.shape, *r.shape[1:])
             glob[media], regions[media] = g, r
@@ -178,8 +180,7 @@ class JaveModel(nn.Module):
             )
         region_feats = self.dropout(self.region_proj(regions.flatten(1, 2)))  # (B, R, D), R = M * per_media
         region_mask = media[:, :, None].expand(b, m, per_media).reshape(b, m * per_media)  # (B, R)
-        pooled = self.dropout(masked_mean(self.global_proj(glob), media, dim=1))  # (B, D)
-        pooled = pooled * media.any(1, keepdim=True)  # LayerNorm bias must not leak into products without media
+        pooled = self.dropout(masked_mean(self.global_proj(glob), media, dim=1))  # (B, D), zeros without media
         return VisualFeatures(pooled=pooled, regions=region_feats, region_mask=region_mask, present=media.any(1))
 
     def fuse(self, text: TextFeatures, visual: VisualFeatures | None) -> FusedFeatures:

@@ -35,3 +35,48 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture
+def moto_s3(monkeypatch, tmp_path):
+    """A local S3 (moto) on 127.0.0.1 with dummy credentials -> (boto3 client, endpoint URL).
+
+    moto runs in its own process: delta-rs calls hold the GIL while they wait on the network, so an in-process
+    (threaded) moto server would never get to answer them.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    for var, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "moto.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"moto server did not start; see {tmp_path / 'moto.log'}") from None
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        yield boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1"), endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()

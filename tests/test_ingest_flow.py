@@ -6,10 +6,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,29 +28,10 @@ def _jpeg(path: Path, colour=(200, 30, 30), size=(64, 48)) -> bytes:
 
 @pytest.fixture
 def hanging_server():
-    """An HTTP 'server' on loopback that accepts connections and never answers (bounded: closes on teardown)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    conns: list[socket.socket] = []
-    stop = threading.Event()
+    from tests.media_fixtures import hanging_server as serve
 
-    def accept() -> None:
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
-    stop.set()
-    t.join(2)
-    for c in conns:
-        c.close()
-    srv.close()
+    with serve() as url:
+        yield url
 
 
 def _bad_catalog(tmp_path: Path, hang_url: str) -> tuple[Path, dict[str, str], set[str]]:
@@ -205,9 +184,37 @@ def test_import_flow_reproduces_published_counts(tmp_path, prefect_harness):
     s2 = import_dataset("ditto", str(ditto), split="test", warehouse_root=wh_root)
     assert s2["quarantined"] == 0
     wh = Warehouse(wh_root)
-    out = wh.sql("SELECT count(*) AS n, sum(label) AS m FROM pairs WHERE benchmark = 'ditto/Abt-Buy' AND split = 'test'")
+    out = wh.sql("SELECT count(*) AS n, sum(label) AS m FROM pairs WHERE benchmark = 'ditto/Abt-Buy' AND split='test'")
     assert out.to_pylist() == [{"n": 1916, "m": 206}]  # ../shared/data/README.md: 1,916 pairs, 206 matches
     spans = wh.sql("SELECT title, unnest(labels) AS l FROM products WHERE source = 'mepave'").to_pylist()
     assert spans and all(r["title"][r["l"]["begin"] : r["l"]["end"]] == r["l"]["value"] for r in spans)
     again = import_dataset("ditto", str(ditto), split="test", warehouse_root=wh_root)
     assert again["new"] == 0 and wh.read("pairs").num_rows == s2["pairs"]
+
+
+def test_ingest_on_s3(tmp_path, prefect_harness, moto_s3):
+    """Catalog, images and warehouse all on S3 (a local moto server): same tables, same idempotency."""
+    client, endpoint = moto_s3
+    client.create_bucket(Bucket="shop")
+    img = _jpeg(tmp_path / "a.jpg")
+    client.put_object(Bucket="shop", Key="export/img/a.jpg", Body=img)
+    rows = [{"sku": "s1", "name": "Red Mug", "image_urls": ["img/a.jpg"]}, {"sku": "s2", "name": ""},
+            {"sku": "s3", "name": "Blue Mug", "image_urls": ["img/missing.jpg"]}]
+    client.put_object(Bucket="shop", Key="export/catalog.jsonl", Body="\n".join(json.dumps(r) for r in rows))
+    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+    os.environ["ENRICH_STORAGE_OPTIONS"] = json.dumps(options)
+    try:
+        from flows.ingest import ingest
+
+        summary = ingest("s3://shop/export/catalog.jsonl", warehouse_root="s3://shop/warehouse")
+        again = ingest("s3://shop/export/catalog.jsonl", warehouse_root="s3://shop/warehouse")
+    finally:
+        del os.environ["ENRICH_STORAGE_OPTIONS"]
+    assert (summary["new"], summary["quarantined"], summary["media_ok"], summary["media_bad"]) == (2, 2, 1, 1)
+    assert again["new"] == 0 and again["unchanged"] == 2
+    wh = Warehouse("s3://shop/warehouse", storage_options=options)
+    assert sorted(wh.read("products").column("product_id").to_pylist()) == ["s1", "s3"]
+    blob = wh.sql("SELECT blob_uri FROM media WHERE status = 'ok'").column("blob_uri")[0].as_py()
+    assert blob.startswith("s3://shop/warehouse/media_blobs/")
+    assert client.head_object(Bucket="shop", Key=blob.removeprefix("s3://shop/"))["ContentLength"] > 0
+    assert wh.sql("SELECT count(*) AS n FROM quarantine").to_pylist() == [{"n": 2}]

@@ -163,6 +163,13 @@ def test_precomputed_visual_features_match_pixels(model):
             visual_regions=regions.view(b, m, *regions.shape[1:]),
         )
         torch.testing.assert_close(model(cached).tag_logits, model(batch).tag_logits)
+        empty = ~batch.media_mask
+        garbage = dataclasses.replace(
+            cached,
+            visual_global=cached.visual_global.masked_fill(empty[:, :, None], float("nan")),
+            visual_regions=cached.visual_regions.masked_fill(empty[:, :, None, None], float("nan")),
+        )
+        torch.testing.assert_close(model(garbage).tag_logits, model(batch).tag_logits)  # empty slots never read
 
 
 def test_dropout_runs_in_training_only():

@@ -388,27 +388,10 @@ def test_blob_store_idempotent(video, good_jpg: Path, store: BlobStore) -> None:
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("s3fs")
-    for var, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(var, value)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="media")
-        yield client, {"client_kwargs": {"endpoint_url": endpoint}}
-    finally:
-        server.stop()
+def s3(moto_s3):
+    client, endpoint = moto_s3
+    client.create_bucket(Bucket="media")
+    return client, {"client_kwargs": {"endpoint_url": endpoint}}
 
 
 @pytest.mark.timeout(60)

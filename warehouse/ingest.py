@@ -13,21 +13,28 @@ The Prefect flow (``flows/ingest.py``) only orchestrates these functions. Per ba
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Mapping
+import gc
+import itertools
+import os
+import pickle
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from warehouse import schema
 from warehouse.quarantine import Reason, quarantine_row
-from warehouse.sources import Record
+from warehouse.sources import Lines, Record, _loads, parse_line
 from warehouse.tables import Warehouse
-from warehouse.validate import Invalid, Limits, to_canonical
+from warehouse.validate import Invalid, Limits, canonical_batch, to_canonical
 
 
 @dataclass
@@ -65,42 +72,93 @@ class BatchResult:
         }
 
 
+class _SortedIds:
+    """``product_id -> value`` as a few polars runs sorted by id (LSM-style: a new run merges into the last while that
+    is at most twice its size), so a lookup is a binary search per run, O(B log N), not a hash join over all N."""
+
+    def __init__(self) -> None:
+        self.runs: list[pl.DataFrame] = []  # columns product_id, value; each sorted by product_id
+
+    def add(self, ids: pl.Series, values: pl.Series) -> None:
+        if not len(ids):
+            return
+        run = pl.DataFrame({"product_id": ids, "value": values}).sort("product_id")
+        while self.runs and self.runs[-1].height <= 2 * run.height:
+            run = pl.concat([self.runs.pop(), run]).sort("product_id")
+        self.runs.append(run)
+
+    def lookup(self, ids: pl.Series) -> pl.Series:
+        """The value per id, null where absent, aligned with ``ids``."""
+        out = pl.repeat(None, len(ids), dtype=pl.Utf8, eager=True)
+        for run in self.runs:
+            keys = run.get_column("product_id")
+            idx = keys.search_sorted(ids, side="left").clip(0, run.height - 1)
+            hit = (keys.gather(idx) == ids).fill_null(False)
+            out = run.get_column("value").gather(idx).zip_with(hit, out)
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(r.height for r in self.runs)
+
+
 class RunState:
     """Per-run state: content hashes of the products table at run start, and ids seen so far in this input.
 
-    Both are Arrow/polars columns (~50 bytes per product), not Python dicts, so memory stays modest at millions
-    of products and does not depend on the input's size in bytes.
+    Both are sorted Arrow/polars columns (~50 bytes per product), not Python dicts, so memory stays modest at
+    millions of products and does not depend on the input's size in bytes.
     """
 
     def __init__(self, existing: pl.DataFrame):
         self.existing = existing  # product_id, content_hash
-        self._seen: list[pl.DataFrame] = []
-        self._seen_all = pl.DataFrame(schema={"product_id": pl.Utf8, "first_position": pl.Utf8})
+        self._existing = _SortedIds()
+        self._existing.add(existing.get_column("product_id"), existing.get_column("content_hash"))
+        self._seen = _SortedIds()  # product_id -> position of its first (kept) occurrence
 
     @classmethod
     def load(cls, wh: Warehouse) -> RunState:
         table = wh.read("products", columns=["product_id", "content_hash"])
-        return cls(pl.from_arrow(table) if table.num_rows else pl.DataFrame(schema={"product_id": pl.Utf8, "content_hash": pl.Utf8}))
+        if not table.num_rows:
+            return cls(pl.DataFrame(schema={"product_id": pl.Utf8, "content_hash": pl.Utf8}))
+        return cls(pl.from_arrow(table))
+
+    def first_positions(self, ids: pa.Array | pa.ChunkedArray) -> pl.Series:
+        """Per id, the position where an earlier batch of this input had it (null: not seen before)."""
+        return self._seen.lookup(_series(ids))
+
+    def known_hashes(self, ids: pa.Array | pa.ChunkedArray) -> pl.Series:
+        """Per id, its content hash in the products table at run start (null: a new product)."""
+        return self._existing.lookup(_series(ids))
+
+    def mark_seen(self, ids: list[str] | pa.Array | pa.ChunkedArray, positions: list[str] | pa.Array) -> None:
+        self._seen.add(_series(ids), _series(positions))
 
     def seen(self, ids: list[str]) -> dict[str, str]:
         """Which of ``ids`` an earlier batch of this input already had -> that first position."""
-        if self._seen:
-            self._seen_all = pl.concat([self._seen_all, *self._seen], rechunk=True)
-            self._seen = []
-        if self._seen_all.height == 0:
-            return {}
-        hit = pl.DataFrame({"product_id": ids}).join(self._seen_all, on="product_id", how="inner")
-        return dict(zip(hit["product_id"].to_list(), hit["first_position"].to_list(), strict=True))
-
-    def mark_seen(self, ids: list[str], positions: list[str]) -> None:
-        if ids:
-            self._seen.append(pl.DataFrame({"product_id": ids, "first_position": positions}))
+        return _hits(ids, self.first_positions(ids))
 
     def hashes(self, ids: list[str]) -> dict[str, str]:
-        if self.existing.height == 0:
-            return {}
-        hit = pl.DataFrame({"product_id": ids}).join(self.existing, on="product_id", how="inner")
-        return dict(zip(hit["product_id"].to_list(), hit["content_hash"].to_list(), strict=True))
+        return _hits(ids, self.known_hashes(ids))
+
+
+def _series(values: list[str] | pa.Array | pa.ChunkedArray) -> pl.Series:
+    if isinstance(values, pl.Series):
+        return values
+    if isinstance(values, list):
+        return pl.Series(values=values, dtype=pl.Utf8)
+    return pl.Series(values=values).cast(pl.Utf8)
+
+
+def _hits(ids: list[str] | pa.Array, found: pl.Series) -> dict[str, str]:
+    ids = _series(ids)
+    mask = found.is_not_null()
+    return dict(zip(ids.filter(mask).to_list(), found.filter(mask).to_list(), strict=True))
+
+
+_DUPLICATE = (
+    "{position}: product_id {pid!r} already appeared at {first} in this input; the first occurrence is kept — merge "
+    "the two rows upstream if this one should win"
+)
 
 
 def validate_batch(
@@ -116,7 +174,6 @@ def validate_batch(
     """Records -> (valid canonical rows with ``content_hash``, quarantine rows). Nothing is dropped."""
     now = now or datetime.now(UTC)
     rows: list[dict[str, Any]] = []
-    positions: list[str] = []
     quarantine: list[dict[str, Any]] = []
     batch_first: dict[str, str] = {}
 
@@ -139,40 +196,341 @@ def validate_batch(
             pid = rec.value.get("product_id") if isinstance(rec.value, dict) else None
             reject(rec, e.reason, e.message, pid if isinstance(pid, str) else None)
             continue
-        pid = row["product_id"]
-        if pid in batch_first:
-            reject(
-                rec, Reason.DUPLICATE_IN_INPUT,
-                f"{rec.position}: product_id {pid!r} already appeared at {batch_first[pid]} in this input; the first "
-                "occurrence is kept — merge the two rows upstream if this one should win",
-                pid,
-            )
-            continue
-        batch_first[pid] = rec.position
         row["content_hash"] = schema.content_hash(row)
         row["_record"] = rec
         rows.append(row)
-        positions.append(rec.position)
 
+    # A duplicate names the occurrence that is kept: in an earlier batch, else the first in this one.
     earlier = state.seen([r["product_id"] for r in rows])
-    if earlier:
-        kept = []
-        for row in rows:
-            first = earlier.get(row["product_id"])
-            if first is None:
-                kept.append(row)
-            else:
-                reject(
-                    row["_record"], Reason.DUPLICATE_IN_INPUT,
-                    f"{row['_record'].position}: product_id {row['product_id']!r} already appeared at {first} in this "
-                    "input; the first occurrence is kept — merge the two rows upstream if this one should win",
-                    row["product_id"],
-                )
-        rows = kept
+    kept = []
+    for row in rows:
+        pid, rec = row["product_id"], row["_record"]
+        first = earlier.get(pid) or batch_first.get(pid)
+        if first is None:
+            batch_first[pid] = rec.position
+            kept.append(row)
+        else:
+            reject(rec, Reason.DUPLICATE_IN_INPUT, _DUPLICATE.format(position=rec.position, pid=pid, first=first), pid)
+    rows = kept
     state.mark_seen([r["product_id"] for r in rows], [r["_record"].position for r in rows])
     for row in rows:
         del row["_record"]
     return rows, quarantine
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path: Arrow batches end to end (``prepare_batch`` in worker processes, ``finish_batch`` in the flow)
+# ---------------------------------------------------------------------------------------------------------------
+
+_PREPARED = pa.schema(
+    [*schema.CANONICAL, pa.field("content_hash", pa.string()), pa.field("_position", pa.string()),
+     pa.field("_i", pa.int64())]
+)
+
+
+@dataclass
+class Prepared:
+    """One batch parsed, validated and hashed; what ``finish_batch`` takes (duplicate ids are still in).
+
+    ``rows`` are the ``CANONICAL`` columns plus ``content_hash``, ``_position`` and ``_i`` (the record's index in the
+    batch), in input order. Arrow, so a worker process returns it cheaply.
+    """
+
+    rows: pa.Table
+    quarantine: list[dict[str, Any]]
+    read: int
+
+
+@dataclass
+class Classified:
+    """One batch ready to write: new and changed rows (Arrow), how many were unchanged, and the quarantine rows."""
+
+    new: pa.Table
+    changed: pa.Table
+    unchanged: int
+    quarantine: list[dict[str, Any]]
+    read: int
+
+    def result(self) -> BatchResult:
+        out = BatchResult(read=self.read, new=self.new.num_rows, changed=self.changed.num_rows, unchanged=self.unchanged)
+        out.quarantined.update(q["reason"] for q in self.quarantine)
+        return out
+
+
+def prepare_batch(
+    batch: Lines | Sequence[Record],
+    *,
+    source: str,
+    mapping: Mapping[str, str],
+    run_id: str,
+    limits: Limits = Limits(),
+    now: datetime | None = None,
+) -> Prepared:
+    """``validate_batch`` without the run state, vectorized: raw lines or records -> ``Prepared``.
+
+    Parses (``Lines``), maps what it can with ``canonical_batch`` and the rest one by one with ``to_canonical``, hashes
+    (``schema.content_hashes``) and quarantines rejects: rows, reasons, messages and hashes are exactly
+    ``validate_batch``'s. Duplicate ids are left to ``finish_batch``. Pure, so it runs in worker processes.
+    """
+    now = now or datetime.now(UTC)
+    quarantine: list[tuple[int, dict[str, Any]]] = []
+    values: list[Any] = []
+    index: list[int] = []  # values[k] is item index[k] of the batch
+
+    def reject(i: int, rec: Record, reason: Reason, message: str, product_id: str | None = None) -> None:
+        payload = rec.raw if rec.raw is not None else rec.value
+        row = quarantine_row(source=source, position=rec.position, payload=payload, reason=reason, message=message,
+                             run_id=run_id, product_id=product_id, at=now)
+        quarantine.append((i, row))
+
+    with _gc_paused():
+        if isinstance(batch, Lines):
+            lines = batch.split()
+            first_line = batch.first_line
+            read = 0
+            for i, line in enumerate(lines):
+                if line[-1:] == b"\r":
+                    line = lines[i] = line.rstrip(b"\r\n")
+                if line[:1] != b"{" and not line.strip():
+                    continue
+                read += 1
+                try:
+                    value = _loads(line)
+                except ValueError:
+                    value = None
+                if type(value) is not dict:
+                    rec = parse_line(f"line:{first_line + i}", line)
+                    if rec.error is not None:  # else a dict subclass after all: validate it
+                        reject(i, rec, *rec.error)
+                        continue
+                    value = rec.value
+                values.append(value)
+                index.append(i)
+
+            def record(i: int, value: Any) -> Record:
+                return Record(f"line:{first_line + i}", value, lines[i])
+
+            positions = None
+        else:
+            for i, rec in enumerate(batch):
+                if rec.error is not None:
+                    reject(i, rec, *rec.error)
+                    continue
+                values.append(rec.value)
+                index.append(i)
+
+            def record(i: int, value: Any) -> Record:
+                return batch[i]
+
+            read = len(batch)
+            positions = pa.array([r.position for r in batch], pa.string())
+
+        fast, slow = canonical_batch(values, mapping, source=source, limits=limits)
+        fast = fast.append_column("content_hash", schema.content_hashes(fast))
+        slow_rows: list[dict[str, Any]] = []
+        for k in slow:
+            i = index[k]
+            rec = record(i, values[k])
+            try:
+                row = to_canonical(values[k], mapping, position=rec.position, source=source, limits=limits)
+            except Invalid as e:
+                pid = values[k].get("product_id") if isinstance(values[k], dict) else None
+                reject(i, rec, e.reason, e.message, pid if isinstance(pid, str) else None)
+                continue
+            row["content_hash"] = schema.content_hash(row)
+            row["_i"] = k
+            slow_rows.append(row)
+        fast = fast.select(_PREPARED.names[:-2] + ["_i"])  # CANONICAL, content_hash, _i (an index into values)
+        if slow_rows:
+            slow_table = pa.Table.from_pylist(slow_rows, schema=fast.schema)
+            fast = pa.concat_tables([fast, slow_table])
+            fast = fast.take(pc.sort_indices(fast.column("_i")))
+        item = pa.array(np.asarray(index, dtype=np.int64)).take(fast.column("_i")) if index else pa.array([], pa.int64())
+        rows = fast.set_column(fast.schema.get_field_index("_i"), "_i", item)
+        if positions is None:
+            pos = pc.binary_join_element_wise("line:", pc.cast(pc.add(item, batch.first_line), pa.string()), "")
+        else:
+            pos = positions.take(item)
+        rows = rows.add_column(rows.num_columns - 1, "_position", pos)
+
+    quarantine.sort(key=lambda q: q[0])
+    return Prepared(rows.cast(_PREPARED), [q for _, q in quarantine], read)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Millions of short-lived dicts would trigger full collections that find nothing; pause the collector."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def finish_batch(
+    prepared: Prepared,
+    state: RunState,
+    *,
+    batch: Lines | Sequence[Record],
+    source: str,
+    run_id: str,
+    now: datetime | None = None,
+) -> Classified:
+    """Ids an earlier batch of this input had -> quarantine (first wins); the rest -> new / changed / unchanged.
+
+    Runs in input order in one process (it reads and updates ``state``); ``batch`` is the one ``prepared`` came from,
+    for the payload of a duplicate.
+    """
+    now = now or datetime.now(UTC)
+    rows = prepared.rows
+    quarantine = list(prepared.quarantine)
+    ids = pl.Series(values=rows.column("product_id"))
+    earlier = state.first_positions(ids)
+    dup = earlier.is_not_null() | ~ids.is_first_distinct()
+    if dup.any():
+        # the kept occurrence: in an earlier batch, else the first in this one
+        frame = pl.DataFrame({"product_id": ids, "position": pl.Series(values=rows.column("_position"))})
+        kept = earlier.fill_null(frame.select(pl.col("position").first().over("product_id")).to_series())
+        mask = pa.array(dup.to_numpy())
+        hits = rows.filter(mask).select(["product_id", "_position", "_i"]).to_pylist()
+        lines = batch.split() if isinstance(batch, Lines) else None
+        for hit, first in zip(hits, kept.filter(dup).to_list(), strict=True):
+            i = hit["_i"]
+            payload = lines[i].rstrip(b"\r") if lines is not None else _record_payload(batch[i])
+            quarantine.append(quarantine_row(
+                source=source, position=hit["_position"], payload=payload, reason=Reason.DUPLICATE_IN_INPUT,
+                message=_DUPLICATE.format(position=hit["_position"], pid=hit["product_id"], first=first),
+                run_id=run_id, product_id=hit["product_id"], at=now,
+            ))
+        rows = rows.filter(pc.invert(mask))
+    state.mark_seen(rows.column("product_id"), rows.column("_position"))
+    rows = rows.drop_columns(["_position", "_i"])
+    known = state.known_hashes(rows.column("product_id"))
+    is_new = known.is_null()
+    is_unchanged = (known == pl.Series(values=rows.column("content_hash"))).fill_null(False)
+    is_changed = ~is_new & ~is_unchanged
+    return Classified(
+        new=rows.filter(pa.array(is_new.to_numpy())),
+        changed=rows.filter(pa.array(is_changed.to_numpy())),
+        unchanged=int(is_unchanged.sum()),
+        quarantine=quarantine,
+        read=prepared.read,
+    )
+
+
+def _record_payload(rec: Record) -> Any:
+    return rec.raw if rec.raw is not None else rec.value
+
+
+def prepare_batches(
+    batches: Iterable[Lines | Sequence[Record]],
+    *,
+    source: str,
+    mapping: Mapping[str, str],
+    run_id: str,
+    limits: Limits = Limits(),
+    workers: int = 2,
+) -> Iterator[tuple[Lines | Sequence[Record], Prepared]]:
+    """``(batch, prepare_batch(batch))`` in input order, computed by ``workers`` processes ahead of the caller.
+
+    At most one batch per worker is in flight, so memory is bounded by the batch size, not the input. The first
+    batch is prepared inline and the workers start only when there is a second (a small file pays no process
+    start). ``workers=0``: everything inline.
+    """
+    kw = dict(source=source, mapping=dict(mapping), run_id=run_id, limits=limits)
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return
+    yield first, prepare_batch(first, **kw)
+    if workers <= 0:
+        for batch in it:
+            yield batch, prepare_batch(batch, **kw)
+        return
+    second = next(it, None)
+    if second is None:
+        return
+    pool = [_Worker() for _ in range(workers)]
+    try:
+        pending: deque[tuple[Any, _Worker]] = deque()
+        batches_left = itertools.chain([second], it)
+        for worker, batch in zip(pool, batches_left, strict=False):
+            worker.send(batch, kw)
+            pending.append((batch, worker))
+        while pending:
+            batch, worker = pending.popleft()
+            prepared = worker.receive()
+            nxt = next(batches_left, None)
+            if nxt is not None:  # keep the worker busy while the caller classifies and writes this batch
+                worker.send(nxt, kw)
+                pending.append((nxt, worker))
+            yield batch, prepared
+    finally:
+        for worker in pool:
+            worker.close()
+
+
+class _Worker:
+    """A ``python -c`` child that runs ``prepare_batch`` on pickled batches, one in flight at a time.
+
+    A plain subprocess rather than ``multiprocessing``: spawn re-imports the caller's ``__main__`` (a CLI, a Prefect
+    worker), and fork is unsafe beside Prefect's and polars' threads.
+    """
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from warehouse.ingest import _worker_main; _worker_main()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+
+    def send(self, batch: Any, kw: dict[str, Any]) -> None:
+        pickle.dump((batch, kw), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+        self.proc.stdin.flush()
+
+    def receive(self) -> Prepared:
+        try:
+            ok, value = pickle.load(self.proc.stdout)
+        except EOFError:
+            code = self.proc.wait()
+            raise RuntimeError(f"an ingest worker process exited with code {code}; its stderr says why") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _worker_main() -> None:
+    """The worker loop: (batch, kwargs) pickles in on stdin, (ok, Prepared | exception) pickles out, until EOF."""
+    import sys
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a stray print() must not corrupt the result stream
+    stdin = sys.stdin.buffer
+    while True:
+        try:
+            batch, kw = pickle.load(stdin)
+        except EOFError:
+            return
+        try:
+            result: tuple[bool, Any] = (True, prepare_batch(batch, **kw))
+        except Exception as e:  # sent back and raised in the caller
+            result = (False, e)
+        pickle.dump(result, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
 
 
 def classify(rows: list[dict[str, Any]], state: RunState) -> tuple[list[dict], list[dict], list[dict]]:
@@ -186,7 +544,7 @@ def classify(rows: list[dict[str, Any]], state: RunState) -> tuple[list[dict], l
 
 
 def ingest_media(
-    rows: list[dict[str, Any]],
+    rows: list[dict[str, Any]] | pa.Table,
     *,
     wh: Warehouse,
     run_id: str,
@@ -199,6 +557,10 @@ def ingest_media(
     from warehouse.config import fsspec_options
     from warehouse.media import BlobStore, MediaConfig, process_product_media
 
+    if isinstance(rows, pa.Table):  # only the rows with media become dicts
+        has_media = pc.or_(pc.greater(pc.list_value_length(rows.column("images")).fill_null(0), 0),
+                           pc.greater(pc.list_value_length(rows.column("videos")).fill_null(0), 0))
+        rows = rows.filter(has_media).select(["product_id", "images", "videos"]).to_pylist()
     todo = [r for r in rows if r["images"] or r["videos"]]
     if not todo:
         return [], []
@@ -209,7 +571,7 @@ def ingest_media(
     def one(r: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         return process_product_media(
             r["product_id"], r["images"], r["videos"], cfg=cfg, store=store, run_id=run_id, source=source,
-            storage_options=None, base_dir=base_dir,
+            storage_options=fs_opts, base_dir=base_dir,
         )
 
     media: list[dict[str, Any]] = []
@@ -224,7 +586,15 @@ def ingest_media(
     return media, quarantine
 
 
-def products_table(rows: list[dict[str, Any]], run_id: str, now: datetime) -> pa.Table:
+def products_table(rows: list[dict[str, Any]] | pa.Table, run_id: str, now: datetime) -> pa.Table:
+    """Canonical rows with ``content_hash`` (dicts or Arrow) -> the ``PRODUCTS`` table, stamped with this write."""
+    if isinstance(rows, pa.Table):
+        n = rows.num_rows
+        stamped = rows.select(list(schema.CANONICAL.names) + ["content_hash"])
+        stamped = stamped.append_column("first_seen", pa.repeat(pa.scalar(now, schema.TS), n))
+        stamped = stamped.append_column("last_seen", pa.repeat(pa.scalar(now, schema.TS), n))
+        stamped = stamped.append_column("ingest_run_id", pa.repeat(pa.scalar(run_id, pa.string()), n))
+        return stamped.cast(schema.PRODUCTS)
     for r in rows:
         r["first_seen"] = now
         r["last_seen"] = now
@@ -232,11 +602,15 @@ def products_table(rows: list[dict[str, Any]], run_id: str, now: datetime) -> pa
     return pa.Table.from_pylist(rows, schema=schema.PRODUCTS)
 
 
+def _size(rows: list | pa.Table) -> int:
+    return rows.num_rows if isinstance(rows, pa.Table) else len(rows)
+
+
 def write_batch(
     wh: Warehouse,
     *,
-    new: list[dict[str, Any]],
-    changed: list[dict[str, Any]],
+    new: list[dict[str, Any]] | pa.Table,
+    changed: list[dict[str, Any]] | pa.Table,
     media: list[dict[str, Any]],
     quarantine: list[dict[str, Any]],
     run_id: str,
@@ -250,13 +624,13 @@ def write_batch(
         )
     if quarantine:
         wh.merge("quarantine", pa.Table.from_pylist(quarantine, schema=schema.QUARANTINE), update_columns=())
-    if changed:
+    if _size(changed):
         cols = [c for c in schema.PRODUCTS.names if c not in ("product_id", "first_seen")]
         wh.merge(
             "products", products_table(changed, run_id, now), update_columns=cols,
             update_when="t.content_hash != s.content_hash",
         )
-    if new:
+    if _size(new):
         # New at run start and first in this input: a plain append is safe (one writer per table per run) and
         # far cheaper than a merge. A rerun after a crash sees them as existing, so they are never appended twice.
         wh.append("products", products_table(new, run_id, now))

@@ -1,6 +1,7 @@
 """Catalog file readers: JSONL, CSV and Parquet, streamed in batches of raw records.
 
-A reader never loads a whole file: it yields ``list[Record]`` of at most ``batch_size`` records. A record that
+A reader never loads a whole file: it yields ``list[Record]`` of at most ``batch_size`` records (or, for JSONL with
+``parse=False``, ``Lines``: raw lines that validation parses itself, possibly in another process). A record that
 cannot even be parsed (malformed JSON line, CSV row with the wrong number of fields, invalid UTF-8) is still
 yielded, with ``error`` set, so validation turns it into a quarantine row instead of losing it.
 """
@@ -12,6 +13,7 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,25 @@ class Record:
     error: tuple[Reason, str] | None = None
 
 
+@dataclass(slots=True)
+class Lines:
+    """A batch of raw JSONL lines, unparsed: parsing is part of validation (``warehouse.ingest.prepare_batch``), so it
+    can run in a worker process. Blank lines count towards the batch size here, and are skipped when parsed."""
+
+    data: bytes  # whole lines, each ending in b"\n" but perhaps the last
+    first_line: int  # 1-based number of the first line in the file
+
+    def split(self) -> list[bytes]:
+        """The lines, newlines stripped (a trailing "\r" is kept; the parser strips it)."""
+        lines = self.data.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        return lines
+
+    def __len__(self) -> int:
+        return self.data.count(b"\n") + (not self.data.endswith(b"\n"))
+
+
 def detect_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     if fmt:
         if fmt not in FORMATS:
@@ -61,12 +82,18 @@ def read_batches(
     fmt: str | None = None,
     batch_size: int = 10_000,
     storage_options: dict[str, Any] | None = None,
-) -> Iterator[list[Record]]:
-    """Stream ``path`` (local or any fsspec URI) as batches of records."""
+    parse: bool = True,
+) -> Iterator[list[Record]] | Iterator[Lines]:
+    """Stream ``path`` (local or any fsspec URI) as batches of records.
+
+    Args:
+        parse: when False, JSONL comes as ``Lines`` of at most ``batch_size`` lines, parsed later by
+            ``warehouse.ingest.prepare_batch`` (the fast path); other formats always come as records.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     fmt = detect_format(path, fmt)
-    reader = {"jsonl": _jsonl, "csv": _csv, "parquet": _parquet}[fmt]
+    reader = {"jsonl": _jsonl if parse else _jsonl_lines, "csv": _csv, "parquet": _parquet}[fmt]
     with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
         yield from reader(f, batch_size)
 
@@ -77,28 +104,40 @@ def _jsonl(f: io.BufferedIOBase, batch_size: int) -> Iterator[list[Record]]:
         line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
-        position = f"line:{lineno}"
-        try:
-            value = _loads(line)
-        except _JSONError as e:
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as ue:
-                err = (Reason.INVALID_UTF8, f"{position}: invalid UTF-8 at byte {ue.start}; re-export the file as UTF-8")
-            else:
-                err = (Reason.MALFORMED_JSON, f"{position}: not a JSON object ({e}); fix or remove the line")
-            batch.append(Record(position, None, line, err))
-        else:
-            if isinstance(value, dict):
-                batch.append(Record(position, value, line))
-            else:
-                msg = f"{position}: expected a JSON object per line, got {type(value).__name__}; wrap it in {{...}}"
-                batch.append(Record(position, None, line, (Reason.MALFORMED_JSON, msg)))
+        batch.append(parse_line(f"line:{lineno}", line))
         if len(batch) >= batch_size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+def parse_line(position: str, line: bytes) -> Record:
+    """One JSONL line (newline stripped) -> its record; ``error`` set when it is not one valid JSON object."""
+    try:
+        value = _loads(line)
+    except _JSONError as e:
+        return Record(position, None, line, line_error(position, line, e))
+    if isinstance(value, dict):
+        return Record(position, value, line)
+    msg = f"{position}: expected a JSON object per line, got {type(value).__name__}; wrap it in {{...}}"
+    return Record(position, None, line, (Reason.MALFORMED_JSON, msg))
+
+
+def line_error(position: str, line: bytes, e: Exception) -> tuple[Reason, str]:
+    """Why a JSONL line did not parse: invalid UTF-8, or malformed JSON (``e``, the parser's error)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as ue:
+        return Reason.INVALID_UTF8, f"{position}: invalid UTF-8 at byte {ue.start}; re-export the file as UTF-8"
+    return Reason.MALFORMED_JSON, f"{position}: not a JSON object ({e}); fix or remove the line"
+
+
+def _jsonl_lines(f: io.BufferedIOBase, batch_size: int) -> Iterator[Lines]:
+    first = 1
+    while chunk := list(islice(f, batch_size)):
+        yield Lines(b"".join(chunk), first)
+        first += len(chunk)
 
 
 def _csv(f: io.BufferedIOBase, batch_size: int) -> Iterator[list[Record]]:
