@@ -13,12 +13,21 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(help="Multimodal catalog enrichment: ingest, enrich, dedupe.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Multimodal catalog enrichment: ingest, enrich, dedupe.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 console = Console()
 
-WarehouseOpt = Annotated[str | None, typer.Option("--warehouse", "-w", help="Warehouse root (path or s3:// URI); "
-                                                  "default $ENRICH_WAREHOUSE_ROOT or data/warehouse.")]
+WarehouseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--warehouse",
+        "-w",
+        help="Warehouse root (path or s3:// URI); default $ENRICH_WAREHOUSE_ROOT or data/warehouse.",
+    ),
+]
 
 
 def _env_defaults() -> None:
@@ -31,8 +40,16 @@ def _env_defaults() -> None:
 def _progress(label: str):
     import flows.ingest
 
-    with Progress(SpinnerColumn(), TextColumn(label), BarColumn(), TextColumn("{task.completed:,} rows"),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console, transient=False) as p:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed:,} rows"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as p:
         task_id = p.add_task(label, total=None, rate="")
 
         def advance(n: int) -> None:
@@ -52,8 +69,7 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"ingest of {summary['source']}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for k in ("read", "accepted", "new", "changed", "unchanged", "quarantined", "media_ok", "media_bad",
-              "duration_s"):
+    for k in ("read", "accepted", "new", "changed", "unchanged", "quarantined", "media_ok", "media_bad", "duration_s"):
         table.add_row(k, f"{summary[k]:,}" if isinstance(summary[k], int) else str(summary[k]))
     for r, n in summary["quarantined_by_reason"].items():
         table.add_row(f"  quarantined: {r}", str(n))
@@ -66,7 +82,9 @@ def print_summary(summary: dict) -> None:
 @app.command()
 def ingest(
     path: Annotated[str, typer.Argument(help="Catalog file: JSONL, CSV or Parquet (local path or URI).")],
-    fmt: Annotated[str | None, typer.Option("--format", "-f", help="jsonl | csv | parquet (default: extension)")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", "-f", help="jsonl | csv | parquet (default: extension)")
+    ] = None,
     warehouse: WarehouseOpt = None,
     mapping: Annotated[str | None, typer.Option(help='Column mapping as JSON, e.g. \'{"sku": "product_id"}\'')] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 5_000,
@@ -82,14 +100,23 @@ def ingest(
     except json.JSONDecodeError as e:
         raise typer.BadParameter(f"--mapping must be a JSON object, got {mapping!r} ({e})") from None
     with _progress(f"ingest {Path(path).name}"):
-        summary = ingest_flow(path, fmt=fmt, warehouse_root=warehouse, batch_size=batch_size, mapping=mapping_dict,
-                              media=media, video_frames=video_frames)
+        summary = ingest_flow(
+            path,
+            fmt=fmt,
+            warehouse_root=warehouse,
+            batch_size=batch_size,
+            mapping=mapping_dict,
+            media=media,
+            video_frames=video_frames,
+        )
     print_summary(summary)
 
 
 @app.command("import")
 def import_(
-    dataset: Annotated[str, typer.Argument(help="ae-110k | oa-mine | wdc-pave | implicitave | myntra | ditto | mepave")],
+    dataset: Annotated[
+        str, typer.Argument(help="ae-110k | oa-mine | wdc-pave | implicitave | myntra | ditto | mepave")
+    ],
     path: Annotated[str, typer.Argument(help="The dataset's folder (e.g. ../shared/data/ae-110k).")],
     split: Annotated[str | None, typer.Option(help="Only this split (train / valid / test ...).")] = None,
     warehouse: WarehouseOpt = None,

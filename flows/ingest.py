@@ -28,8 +28,16 @@ progress_hook: ProgressFn | None = None
 
 
 @task(name="validate-batch", cache_policy=NO_CACHE, persist_result=False)
-def validate_batch(records: list[Record], state: core.RunState, *, source: str, mapping: dict, run_id: str,
-                   limits: Limits, now: datetime) -> tuple[list, list, list, list, list]:
+def validate_batch(
+    records: list[Record],
+    state: core.RunState,
+    *,
+    source: str,
+    mapping: dict,
+    run_id: str,
+    limits: Limits,
+    now: datetime,
+) -> tuple[list, list, list, list, list]:
     rows, quarantine = core.validate_batch(
         records, state, source=source, mapping=mapping, run_id=run_id, limits=limits, now=now
     )
@@ -38,15 +46,17 @@ def validate_batch(records: list[Record], state: core.RunState, *, source: str, 
 
 
 @task(name="ingest-media", cache_policy=NO_CACHE, persist_result=False)
-def ingest_media(rows: list[dict], *, wh: Warehouse, run_id: str, source: str, cfg: Any,
-                 base_dir: str | None) -> tuple[list, list]:
+def ingest_media(
+    rows: list[dict], *, wh: Warehouse, run_id: str, source: str, cfg: Any, base_dir: str | None
+) -> tuple[list, list]:
     # per-URI retries with backoff live in warehouse.media; a task-level retry would refetch the whole batch
     return core.ingest_media(rows, wh=wh, run_id=run_id, source=source, cfg=cfg, base_dir=base_dir)
 
 
 @task(name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE, persist_result=False)
-def write_batch(wh: Warehouse, *, new: list, changed: list, media: list, quarantine: list, run_id: str,
-                now: datetime) -> None:
+def write_batch(
+    wh: Warehouse, *, new: list, changed: list, media: list, quarantine: list, run_id: str, now: datetime
+) -> None:
     core.write_batch(wh, new=new, changed=changed, media=media, quarantine=quarantine, run_id=run_id, now=now)
 
 
@@ -80,8 +90,9 @@ def run_batches(
         )
         media_rows: list[dict] = []
         if media_cfg is not None:
-            media_rows, media_q = ingest_media(new + changed, wh=wh, run_id=run_id, source=source, cfg=media_cfg,
-                                               base_dir=base_dir)
+            media_rows, media_q = ingest_media(
+                new + changed, wh=wh, run_id=run_id, source=source, cfg=media_cfg, base_dir=base_dir
+            )
             quarantine = quarantine + media_q
         write_batch(wh, new=new, changed=changed, media=media_rows, quarantine=quarantine, run_id=run_id, now=now)
         result = core.BatchResult(read=len(records), new=len(new), changed=len(changed), unchanged=len(unchanged))
@@ -93,16 +104,33 @@ def run_batches(
         if progress_hook is not None:
             progress_hook(len(records))
     summary = total.as_dict()
-    summary.update(run_id=run_id, source=source, duration_s=round(time.perf_counter() - started, 3),
-                   warehouse=wh.root, table_versions={t: wh.version(t) for t in ("products", "media", "quarantine")})
+    summary.update(
+        run_id=run_id,
+        source=source,
+        duration_s=round(time.perf_counter() - started, 3),
+        warehouse=wh.root,
+        table_versions={t: wh.version(t) for t in ("products", "media", "quarantine")},
+    )
     _artifacts(summary)
     logger.info("ingest of %s done: %s", source, summary)
     return summary
 
 
 def _artifacts(s: dict[str, Any]) -> None:
-    rows = [{"metric": k, "value": s[k]} for k in ("read", "accepted", "new", "changed", "unchanged", "quarantined",
-                                                   "media_ok", "media_bad", "duration_s")]
+    rows = [
+        {"metric": k, "value": s[k]}
+        for k in (
+            "read",
+            "accepted",
+            "new",
+            "changed",
+            "unchanged",
+            "quarantined",
+            "media_ok",
+            "media_bad",
+            "duration_s",
+        )
+    ]
     rows += [{"metric": f"quarantined: {r}", "value": n} for r, n in s["quarantined_by_reason"].items()]
     create_table_artifact(key="ingest-summary", table=rows, description=f"Ingest of {s['source']}")
     reasons = "\n".join(f"| {r} | {n} |" for r, n in s["quarantined_by_reason"].items()) or "| (none) | 0 |"
@@ -153,10 +181,14 @@ def ingest(
     wh = Warehouse(warehouse_root)
     fmt = detect_format(path, fmt)
     base_dir = os.path.dirname(os.path.abspath(path)) if "://" not in path else path.rsplit("/", 1)[0]
+    read_options = fsspec_options(wh.storage_options) if path.startswith("s3://") else None
+    media_cfg = MediaConfig(video_frames=video_frames, timeout_s=media_timeout_s, retries=media_retries)
     return run_batches(
-        read_batches(path, fmt, batch_size, storage_options=fsspec_options(wh.storage_options) if path.startswith("s3://") else None),
-        wh=wh, source=source or path, mapping=resolve_mapping(None, mapping),
-        media_cfg=MediaConfig(video_frames=video_frames, timeout_s=media_timeout_s, retries=media_retries) if media else None,
+        read_batches(path, fmt, batch_size, storage_options=read_options),
+        wh=wh,
+        source=source or path,
+        mapping=resolve_mapping(None, mapping),
+        media_cfg=media_cfg if media else None,
         base_dir=base_dir,
     )
 
@@ -193,8 +225,13 @@ def import_dataset(
 
     from warehouse.media import MediaConfig
 
-    summary = run_batches(batches(), wh=wh, source=dataset, mapping=resolve_mapping(None, None),
-                          media_cfg=MediaConfig() if media else None)
+    summary = run_batches(
+        batches(),
+        wh=wh,
+        source=dataset,
+        mapping=resolve_mapping(None, None),
+        media_cfg=MediaConfig() if media else None,
+    )
     if getattr(importer, "iter_pairs", None) is not None:
         import pyarrow as pa
 

@@ -69,8 +69,11 @@ def _bad_catalog(tmp_path: Path, hang_url: str) -> tuple[Path, dict[str, str], s
     for pid, (images, videos, reason) in media_cases.items():
         good_row(i := i + 1)
         # the product is ingested with its good media; only the bad media item is quarantined
-        lines.append(json.dumps({"sku": pid, "name": f"Item {pid}", "image_urls": ["img/good.jpg", *images],
-                                 "video_urls": videos}).encode())
+        lines.append(
+            json.dumps(
+                {"sku": pid, "name": f"Item {pid}", "image_urls": ["img/good.jpg", *images], "video_urls": videos}
+            ).encode()
+        )
         good_ids.add(pid)
         expected[pid] = reason
     row_cases = [
@@ -123,8 +126,10 @@ def test_bad_input_suite(tmp_path, prefect_harness, hanging_server):
     assert summary["quarantined"] == len(expected)
 
     # rerun of the same input: identical tables, nothing duplicated
-    before = {t: wh.read(t).sort_by(wh_key(t)).drop_columns(["quarantined_at"] if t == "quarantine" else [])
-              for t in ("products", "media", "quarantine")}
+    before = {
+        t: wh.read(t).sort_by(wh_key(t)).drop_columns(["quarantined_at"] if t == "quarantine" else [])
+        for t in ("products", "media", "quarantine")
+    }
     again = ingest(str(path), warehouse_root=wh_root, batch_size=4, media_timeout_s=1.0, media_retries=1)
     assert again["new"] == 0 and again["changed"] == 0
     for t, table in before.items():
@@ -149,8 +154,9 @@ def test_kill_mid_ingest_then_rerun(tmp_path):
     wh_root = tmp_path / "wh"
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), ENRICH_WAREHOUSE_ROOT=str(wh_root))
     cmd = [sys.executable, "-m", "flows.cli", "ingest", str(path), "--batch-size", "2000", "--no-media"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     log = wh_root / "products" / "_delta_log"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -198,8 +204,11 @@ def test_ingest_on_s3(tmp_path, prefect_harness, moto_s3):
     client.create_bucket(Bucket="shop")
     img = _jpeg(tmp_path / "a.jpg")
     client.put_object(Bucket="shop", Key="export/img/a.jpg", Body=img)
-    rows = [{"sku": "s1", "name": "Red Mug", "image_urls": ["img/a.jpg"]}, {"sku": "s2", "name": ""},
-            {"sku": "s3", "name": "Blue Mug", "image_urls": ["img/missing.jpg"]}]
+    rows = [
+        {"sku": "s1", "name": "Red Mug", "image_urls": ["img/a.jpg"]},
+        {"sku": "s2", "name": ""},
+        {"sku": "s3", "name": "Blue Mug", "image_urls": ["img/missing.jpg"]},
+    ]
     client.put_object(Bucket="shop", Key="export/catalog.jsonl", Body="\n".join(json.dumps(r) for r in rows))
     options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
     os.environ["ENRICH_STORAGE_OPTIONS"] = json.dumps(options)

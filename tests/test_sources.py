@@ -37,8 +37,12 @@ def test_csv_wrong_field_count_and_invalid_utf8(tmp_path):
     p.write_bytes(b'sku,name,attributes\nA,Shirt,"{""Colour"": ""Red""}"\nB,Only two\nC,Caf\xe9,{}\nD,Mug,\nE,a,b,c\n')
     recs = _records(p)
     assert [(r.position, r.error[0] if r.error else None) for r in recs] == [
-        ("row:1", None), ("row:2", Reason.MISSING_COLUMNS), ("row:3", Reason.INVALID_UTF8), ("row:4", None),
-        ("row:5", Reason.MALFORMED_CSV)]
+        ("row:1", None),
+        ("row:2", Reason.MISSING_COLUMNS),
+        ("row:3", Reason.INVALID_UTF8),
+        ("row:4", None),
+        ("row:5", Reason.MALFORMED_CSV),
+    ]
     row = to_canonical(recs[0].value, resolve_mapping(None, None), position="row:1", source="s")
     assert row["specs"] == [{"key": "Colour", "value": "Red"}]
 
@@ -85,9 +89,15 @@ def test_invalid_records(record, reason):
 def test_specs_forms_and_extra_columns():
     assert normalize_specs({"A": 1, "B": None}) == [{"key": "A", "value": "1"}, {"key": "B", "value": ""}]
     assert normalize_specs([{"name": "A", "value": "x"}, ["B", "y"]]) == [
-        {"key": "A", "value": "x"}, {"key": "B", "value": "y"}]
-    row = to_canonical({"sku": 12, "name": "Mug", "bin": "A-3", "score": 0.5}, resolve_mapping(None, None),
-                       position="line:1", source="s")
+        {"key": "A", "value": "x"},
+        {"key": "B", "value": "y"},
+    ]
+    row = to_canonical(
+        {"sku": 12, "name": "Mug", "bin": "A-3", "score": 0.5},
+        resolve_mapping(None, None),
+        position="line:1",
+        source="s",
+    )
     assert row["product_id"] == "12"
     assert json.loads(row["extra"]) == {"bin": "A-3", "score": 0.5}
     with pytest.raises(Invalid, match="limit"):

@@ -70,8 +70,11 @@ def test_merge_idempotent_and_unchanged_not_rewritten(tmp_path):
 
 def test_quarantine_rerun_is_idempotent(tmp_path):
     wh = Warehouse(tmp_path / "wh")
-    records = [Record("line:1", {"id": "a", "name": "ok"}), Record("line:2", {"id": "b", "name": ""}),
-               Record("line:3", None, b"{oops", (Reason.MALFORMED_JSON, "line:3: bad"))]
+    records = [
+        Record("line:1", {"id": "a", "name": "ok"}),
+        Record("line:2", {"id": "b", "name": ""}),
+        Record("line:3", None, b"{oops", (Reason.MALFORMED_JSON, "line:3: bad")),
+    ]
     _ingest(wh, records)
     _ingest(wh, records, run_id="r2")
     q = wh.read("quarantine")
@@ -83,11 +86,16 @@ def test_duplicate_in_input_first_wins_across_batches(tmp_path):
     wh = Warehouse(tmp_path / "wh")
     state = RunState.load(wh)
     mapping = resolve_mapping(None, None)
-    rows1, q1 = validate_batch([Record("line:1", {"id": "x", "name": "first"}),
-                                Record("line:2", {"id": "x", "name": "second"})], state,
-                               source="t", mapping=mapping, run_id="r")
-    rows2, q2 = validate_batch([Record("line:3", {"id": "x", "name": "third"})], state, source="t", mapping=mapping,
-                               run_id="r")
+    rows1, q1 = validate_batch(
+        [Record("line:1", {"id": "x", "name": "first"}), Record("line:2", {"id": "x", "name": "second"})],
+        state,
+        source="t",
+        mapping=mapping,
+        run_id="r",
+    )
+    rows2, q2 = validate_batch(
+        [Record("line:3", {"id": "x", "name": "third"})], state, source="t", mapping=mapping, run_id="r"
+    )
     assert [r["title"] for r in rows1] == ["first"] and rows2 == []
     assert [q["reason"] for q in q1 + q2] == ["duplicate_in_input"] * 2
     assert "line:1" in q2[0]["message"] and "third" in q2[0]["payload"]

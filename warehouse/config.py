@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import Field
@@ -22,19 +21,6 @@ class WarehouseSettings(BaseSettings):
     def public_dict(self) -> dict[str, Any]:
         """What is safe to log: the root and the option *names* only (values may be secrets)."""
         return {"warehouse_root": self.warehouse_root, "storage_option_keys": sorted(self.storage_options)}
-
-
-def parse_storage_options(text: str | None) -> dict[str, str]:
-    """``--storage-options '{"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}'`` -> dict, with a clear error."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"storage options must be a JSON object, got {text!r} ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"storage options must be a JSON object like '{{\"AWS_REGION\": \"us-east-1\"}}', got {text!r}")
-    return {str(k): str(v) for k, v in value.items()}
 
 
 def fsspec_options(storage_options: dict[str, str]) -> dict[str, Any]:

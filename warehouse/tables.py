@@ -91,7 +91,9 @@ class Warehouse:
             return
         self.ensure(table)
         write_deltalake(
-            self.uri(table), data.select(schema.TABLES[table].names).cast(schema.TABLES[table]), mode="append",
+            self.uri(table),
+            data.select(schema.TABLES[table].names).cast(schema.TABLES[table]),
+            mode="append",
             storage_options=self.storage_options,
         )
 
