@@ -17,6 +17,8 @@ import gc
 import itertools
 import os
 import pickle
+import queue
+import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -456,15 +458,18 @@ def prepare_batches(
     try:
         pending: deque[tuple[Any, _Worker]] = deque()
         batches_left = itertools.chain([second], it)
-        for worker, batch in zip(pool, batches_left, strict=False):
-            worker.send(batch, kw)
+        for worker in pool * 2:  # two per worker: one running, one queued, so no worker waits on the caller
+            batch = next(batches_left, None)
+            if batch is None:
+                break
+            worker.submit(batch, kw)
             pending.append((batch, worker))
         while pending:
             batch, worker = pending.popleft()
-            prepared = worker.receive()
+            prepared = worker.result()
             nxt = next(batches_left, None)
-            if nxt is not None:  # keep the worker busy while the caller classifies and writes this batch
-                worker.send(nxt, kw)
+            if nxt is not None:
+                worker.submit(nxt, kw)
                 pending.append((nxt, worker))
             yield batch, prepared
     finally:
@@ -473,10 +478,11 @@ def prepare_batches(
 
 
 class _Worker:
-    """A ``python -c`` child that runs ``prepare_batch`` on pickled batches, one in flight at a time.
+    """A ``python -c`` child running ``prepare_batch`` on pickled batches, fed by a thread of the caller.
 
     A plain subprocess rather than ``multiprocessing``: spawn re-imports the caller's ``__main__`` (a CLI, a Prefect
-    worker), and fork is unsafe beside Prefect's and polars' threads.
+    worker), and fork is unsafe beside Prefect's and polars' threads. The thread keeps the child busy while the
+    caller writes, and sends and receives in turn, so a full pipe never blocks both sides.
     """
 
     def __init__(self) -> None:
@@ -489,22 +495,34 @@ class _Worker:
             [sys.executable, "-c", "from warehouse.ingest import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
+        self.todo: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, name="ingest-worker-io", daemon=True)
+        self.thread.start()
 
-    def send(self, batch: Any, kw: dict[str, Any]) -> None:
-        pickle.dump((batch, kw), self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-        self.proc.stdin.flush()
+    def submit(self, batch: Any, kw: dict[str, Any]) -> None:
+        self.todo.put((batch, kw))
 
-    def receive(self) -> Prepared:
-        try:
-            ok, value = pickle.load(self.proc.stdout)
-        except EOFError:
-            code = self.proc.wait()
-            raise RuntimeError(f"an ingest worker process exited with code {code}; its stderr says why") from None
+    def result(self) -> Prepared:
+        ok, value = self.done.get()
         if not ok:
             raise value
         return value
 
+    def _serve(self) -> None:
+        while (job := self.todo.get()) is not None:
+            try:
+                pickle.dump(job, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self.proc.stdin.flush()
+                self.done.put(pickle.load(self.proc.stdout))
+            except (EOFError, OSError):
+                code = self.proc.poll()
+                self.done.put((False, RuntimeError(f"an ingest worker process died (exit code {code}); see its stderr")))
+                return
+
     def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join(timeout=60)
         try:
             self.proc.stdin.close()
             self.proc.wait(timeout=10)

@@ -163,8 +163,8 @@ def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     import pyarrow.compute as pc
 
     values = _one_chunk(values).cast(pa.string())
-    needs = pc.match_substring_regex(values, _NEEDS_ESCAPE).fill_null(False)
-    if pc.any(needs).as_py():
+    needs = _needs_escape(values)
+    if needs is not None:
         sub = values.filter(needs)
         if pc.any(pc.match_substring_regex(sub, _LONG_ESCAPE)).as_py():  # rare: let the encoder do these rows
             escaped = pa.array([_dumps(v).decode("utf-8")[1:-1] for v in sub.to_pylist()], pa.string())
@@ -174,6 +174,27 @@ def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
                 escaped = pc.replace_substring(escaped, raw, esc)
         values = pc.replace_with_mask(values, needs, escaped)
     return pc.fill_null(pc.binary_join_element_wise('"', values, '"', ""), "null")
+
+
+def _needs_escape(values: pa.StringArray) -> pa.BooleanArray | None:
+    """Which strings hold a byte JSON escapes (a C0 control, ", \\); None when none does (the usual case).
+
+    One pass of numpy over the data buffer: several times faster than a regex per string.
+    """
+    import numpy as np
+
+    n = len(values)
+    if n == 0 or values.null_count == n:
+        return None
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + n + 1]
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    hits = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
+    if hits.size == 0:
+        return None
+    rows = np.searchsorted(offsets, hits + offsets[0], side="right") - 1
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return pa.array(mask)
 
 
 def _json_lists(items: pa.Array, offsets: pa.Array, valid: pa.Array | None) -> pa.Array:

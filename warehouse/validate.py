@@ -426,6 +426,8 @@ def _extra_column(keys: tuple[str, ...], columns: Sequence[Sequence[Any]], n: in
     for k, col in zip(keys, columns, strict=True):
         if _only(col, str):
             encoded = schema.json_strings(pa.array(col, pa.string()))
+        elif _only(col, float) and np.isfinite(col).all():  # the encoder writes a finite float as its repr
+            encoded = pa.array(list(map(float.__repr__, col)), pa.string())
         else:
             encoded = pa.array([_extra_json(x) for x in col], pa.string())
         parts += [", " if len(parts) > 1 else "", _extra_json(k) + ": ", encoded]
