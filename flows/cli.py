@@ -30,6 +30,21 @@ WarehouseOpt = Annotated[
 ]
 
 
+def _friendly(fn):
+    """Expected user errors (bad value, missing table/dataset) print one line naming the fix, exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, LookupError, FileNotFoundError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
 def _env_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -80,6 +95,7 @@ def print_summary(summary: dict) -> None:
 
 
 @app.command()
+@_friendly
 def ingest(
     path: Annotated[str, typer.Argument(help="Catalog file: JSONL, CSV or Parquet (local path or URI).")],
     fmt: Annotated[
@@ -113,6 +129,7 @@ def ingest(
 
 
 @app.command("import")
+@_friendly
 def import_(
     dataset: Annotated[
         str, typer.Argument(help="ae-110k | oa-mine | wdc-pave | implicitave | myntra | ditto | mepave")
@@ -125,6 +142,9 @@ def import_(
     """Import a public dataset (canonical rows with labels; Ditto also its labelled pairs)."""
     _env_defaults()
     from flows.ingest import import_dataset
+    from warehouse.importers import get_importer
+
+    get_importer(dataset)  # fail fast on a bad name, before Prefect starts
 
     with _progress(f"import {dataset}"):
         summary = import_dataset(dataset, path, split=split, warehouse_root=warehouse, media=media)
@@ -134,6 +154,7 @@ def import_(
 
 
 @app.command()
+@_friendly
 def sql(
     query: Annotated[str, typer.Argument(help="DuckDB SQL over the tables: products, media, quarantine, ...")],
     warehouse: WarehouseOpt = None,
@@ -163,6 +184,7 @@ def print_arrow(result, *, max_rows: int = 50, max_width: int = 60, title: str |
 
 
 @app.command()
+@_friendly
 def demo(
     workdir: Annotated[str, typer.Option(help="Where the sample catalog is generated.")] = "data/demo",
     warehouse: WarehouseOpt = None,

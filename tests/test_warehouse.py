@@ -125,3 +125,44 @@ def test_products_schema_roundtrip(tmp_path):
     back = wh.read("products").sort_by("product_id").to_pylist()
     assert back[0]["labels"][0]["value"] == "Blue" and back[0]["specs"] == [{"key": "Colour", "value": "Blue"}]
     assert pa.types.is_timestamp(wh.read("products").schema.field("first_seen").type)
+
+
+def test_replace_where_is_one_atomic_replacement(tmp_path):
+    from warehouse.schema import ATTRIBUTE_PREDICTIONS
+
+    wh = Warehouse(tmp_path / "wh")
+
+    def preds(pid: str, values: list[str]) -> pa.Table:
+        rows = [
+            {
+                "prediction_id": f"{pid}|Colour|{v}",
+                "product_id": pid,
+                "attribute": "Colour",
+                "value": v,
+                "field": "title",
+                "begin": 0,
+                "end": len(v),
+                "score": 0.9,
+                "threshold": 0.5,
+                "kind": "extracted",
+                "content_hash": "h",
+                "model_name": "jave",
+                "model_version": "1",
+                "mlflow_run_id": "r",
+                "predicted_at": NOW,
+            }
+            for v in values
+        ]
+        return pa.Table.from_pylist(rows, schema=ATTRIBUTE_PREDICTIONS)
+
+    wh.replace_where(
+        "attribute_predictions",
+        pa.concat_tables([preds("a", ["Red", "Blue"]), preds("b", ["Green"])]),
+        "product_id",
+        ["a", "b"],
+    )
+    v = wh.version("attribute_predictions")
+    wh.replace_where("attribute_predictions", preds("a", ["Navy"]), "product_id", ["a"])
+    assert wh.version("attribute_predictions") == v + 1
+    got = sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist())
+    assert got == [("a", "Navy"), ("b", "Green")], "stale predictions of a re-predicted product are gone"

@@ -115,7 +115,36 @@ PAIRS = pa.schema(
 # the published metrics count every line.
 PAIRS_KEY = ("benchmark", "split", "line")
 
-TABLES: dict[str, pa.Schema] = {"products": PRODUCTS, "media": MEDIA, "quarantine": QUARANTINE, "pairs": PAIRS}
+# Attribute values written back by the JAVE enrichment flow; one row per (product, attribute, value occurrence).
+ATTRIBUTE_PREDICTIONS = pa.schema(
+    [
+        pa.field("prediction_id", pa.string(), nullable=False),  # product_id|attribute|kind|field|begin|value
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("attribute", pa.string(), nullable=False),
+        pa.field("value", pa.string(), nullable=False),
+        pa.field("field", pa.string()),  # title | description | specs; null for implicit values
+        pa.field("begin", pa.int32()),
+        pa.field("end", pa.int32()),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("threshold", pa.float32(), nullable=False),  # the per-attribute threshold chosen on validation
+        pa.field("kind", pa.string(), nullable=False),  # extracted | implicit
+        pa.field("content_hash", pa.string(), nullable=False),  # of the product version this was predicted from
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("mlflow_run_id", pa.string(), nullable=False),
+        pa.field("predicted_at", TS, nullable=False),
+    ]
+)
+PREDICTION_KEY = ("prediction_id",)
+
+TABLES: dict[str, pa.Schema] = {
+    "products": PRODUCTS,
+    "media": MEDIA,
+    "quarantine": QUARANTINE,
+    "pairs": PAIRS,
+    "attribute_predictions": ATTRIBUTE_PREDICTIONS,
+    "review_queue": ATTRIBUTE_PREDICTIONS,  # same shape: predictions scored below their attribute's threshold
+}
 
 
 def empty_row(**values: Any) -> dict[str, Any]:
@@ -151,69 +180,71 @@ except ImportError:  # pragma: no cover
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-# JSON string escaping as orjson and ``json.dumps(ensure_ascii=False)`` both do it: ", \ and the C0 controls,
-# five of them with short escapes, the rest as \u00XX; everything else (non-ASCII, DEL, U+2028) verbatim.
-_NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
-_SHORT_ESCAPES = (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), ("\b", "\\b"), ("\f", "\\f"))
-_LONG_ESCAPE = r"[\x00-\x07\x0b\x0e-\x1f]"
+# JSON string escaping as orjson and ``json.dumps(ensure_ascii=False)`` both do it: ", \\ and the C0 controls,
+# five of them with short escapes, the rest as \\u00XX; everything else (non-ASCII, DEL, U+2028) verbatim.
+_SHORT_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', 10: "\\n", 13: "\\r", 9: "\\t", 8: "\\b", 12: "\\f"}
+
+
+def escaped_strings(values: pa.Array | pa.ChunkedArray) -> pa.StringArray:
+    """Each string JSON-escaped, without the quotes (nulls stay null): what ``_dumps`` writes between them."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    values = _one_chunk(values).cast(pa.string())
+    n = len(values)
+    if n == 0 or values.null_count == n:
+        return values
+    # one numpy pass over the data buffer finds the bytes to escape: several times faster than a regex per string
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + n + 1]
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    hits = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
+    if hits.size == 0:
+        return values
+    mask = np.zeros(n, dtype=bool)
+    mask[np.searchsorted(offsets, hits + offsets[0], side="right") - 1] = True
+    needs = pa.array(mask)
+    sub = values.filter(needs)
+    present = set(np.unique(data[hits]).tolist())
+    if present - _SHORT_ESCAPES.keys():  # a control character escaped as \\u00XX (rare): the encoder does these rows
+        escaped = pa.array([_dumps(v).decode("utf-8")[1:-1] for v in sub.to_pylist()], pa.string())
+    else:
+        escaped = sub
+        for byte in (0x5C, *(b for b in _SHORT_ESCAPES if b != 0x5C)):  # backslash first
+            if byte in present:
+                escaped = pc.replace_substring(escaped, chr(byte), _SHORT_ESCAPES[byte])
+    return pc.replace_with_mask(values, needs, escaped)
 
 
 def json_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each string as a JSON string literal (null -> ``null``), byte-identical to ``_dumps`` of the Python str."""
     import pyarrow.compute as pc
 
-    values = _one_chunk(values).cast(pa.string())
-    needs = _needs_escape(values)
-    if needs is not None:
-        sub = values.filter(needs)
-        if pc.any(pc.match_substring_regex(sub, _LONG_ESCAPE)).as_py():  # rare: let the encoder do these rows
-            escaped = pa.array([_dumps(v).decode("utf-8")[1:-1] for v in sub.to_pylist()], pa.string())
-        else:
-            escaped = sub
-            for raw, esc in _SHORT_ESCAPES:
-                escaped = pc.replace_substring(escaped, raw, esc)
-        values = pc.replace_with_mask(values, needs, escaped)
-    return pc.fill_null(pc.binary_join_element_wise('"', values, '"', ""), "null")
+    quoted = pc.binary_join_element_wise('"', escaped_strings(values), '"', "")
+    return pc.fill_null(quoted, "null") if quoted.null_count else quoted
 
 
-def _needs_escape(values: pa.StringArray) -> pa.BooleanArray | None:
-    """Which strings hold a byte JSON escapes (a C0 control, ", \\); None when none does (the usual case).
-
-    One pass of numpy over the data buffer: several times faster than a regex per string.
-    """
-    import numpy as np
-
-    n = len(values)
-    if n == 0 or values.null_count == n:
-        return None
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int32)[values.offset : values.offset + n + 1]
-    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    hits = np.flatnonzero((data < 0x20) | (data == 0x22) | (data == 0x5C))
-    if hits.size == 0:
-        return None
-    rows = np.searchsorted(offsets, hits + offsets[0], side="right") - 1
-    mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
-    return pa.array(mask)
-
-
-def _json_lists(items: pa.Array, offsets: pa.Array, valid: pa.Array | None) -> pa.Array:
-    """Per-list JSON arrays ``[a,b]`` from already-encoded element strings ``items`` (null list -> ``null``)."""
-    import pyarrow.compute as pc
-
-    lists = pa.ListArray.from_arrays(offsets, items, mask=None if valid is None else pc.invert(valid))
-    joined = pc.binary_join_element_wise("[", pc.binary_join(lists, ","), "]", "")
-    return pc.fill_null(joined, "null")
-
-
-def _list_parts(values: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array | None]:
-    """(flattened values, offsets from 0, validity or None) of a list array, slices and null lists handled."""
+def _json_items(values: pa.Array) -> list[Any]:
+    """``values`` (a list array) as join pieces: ``[`` items ``]`` per list, null lists as ``null``."""
     import pyarrow.compute as pc
 
     offsets = values.offsets
-    offsets = pc.subtract(offsets, offsets[0]) if len(offsets) and offsets[0].as_py() else offsets
-    valid = values.is_valid() if values.null_count else None
-    return values.flatten(), offsets, valid
+    if len(offsets) and offsets[0].as_py():
+        offsets = pc.subtract(offsets, offsets[0])
+    flat = values.flatten()
+    if pa.types.is_struct(flat.type):  # spec entries {"key":..,"value":..}
+        keys, vals = flat.field("key"), flat.field("value")
+        if keys.null_count or vals.null_count:
+            items = pc.binary_join_element_wise('{"key":', json_strings(keys), ',"value":', json_strings(vals), "}", "")
+        else:
+            items = pc.binary_join_element_wise(
+                '{"key":"', escaped_strings(keys), '","value":"', escaped_strings(vals), '"}', ""
+            )
+    else:
+        items = json_strings(flat)
+    joined = pc.binary_join(pa.ListArray.from_arrays(offsets, items), ",")
+    if values.null_count:
+        return [pc.fill_null(pc.if_else(values.is_valid(), pc.binary_join_element_wise("[", joined, "]", ""), None), "null")]
+    return ["[", joined, "]"]
 
 
 def content_hashes(table: pa.Table) -> pa.Array:
@@ -221,32 +252,38 @@ def content_hashes(table: pa.Table) -> pa.Array:
     import pyarrow.compute as pc
 
     n = table.num_rows
-    parts: list[Any] = []
+    if n == 0:
+        return pa.array([], pa.string())
+    parts: list[Any] = ["["]
     for name in HASHED_FIELDS:
         col = _one_chunk(table.column(name))
-        if name == "specs":
-            flat, offsets, valid = _list_parts(col)
-            keys = json_strings(flat.field("key"))
-            vals = json_strings(flat.field("value"))
-            entries = pc.binary_join_element_wise('{"key":', keys, ',"value":', vals, "}", "")
-            part = _json_lists(entries, offsets, valid)
-        elif name in ("images", "videos"):
-            flat, offsets, valid = _list_parts(col)
-            part = _json_lists(json_strings(flat), offsets, valid)
-        elif name == "labels":  # rows with labels (rare: imported datasets) are hashed one by one below
+        if name == "labels":  # rows with labels (rare: imported datasets) are hashed one by one below
             labelled = pc.not_equal(pc.list_value_length(col).fill_null(-1), 0)
-            part = "[]"
+            parts.append("[]")
+        elif pa.types.is_list(col.type):
+            parts += _json_items(col)
+        elif col.null_count:
+            parts.append(json_strings(col))
         else:
-            part = json_strings(col)
-        parts += [part, ","]
+            parts += ['"', escaped_strings(col), '"']
+        parts.append(",")
     parts[-1] = "]"
-    payload = pc.binary_join_element_wise("[", *parts, "").cast(pa.binary()) if n else pa.array([], pa.binary())
-    blake2b = hashlib.blake2b
-    hashes = pa.array([blake2b(p, digest_size=16).hexdigest() for p in payload.to_pylist()], pa.string())
-    if n and pc.any(labelled).as_py():
+    payload = pc.binary_join_element_wise(*parts, "")
+    hashes = pa.array(_blake2b_hex(payload), pa.string())
+    if pc.any(labelled).as_py():
         rows = table.filter(labelled).select(list(HASHED_FIELDS)).to_pylist()
         hashes = pc.replace_with_mask(hashes, labelled, pa.array([content_hash(r) for r in rows], pa.string()))
     return hashes
+
+
+def _blake2b_hex(payload: pa.StringArray) -> list[str]:
+    import numpy as np
+
+    n = len(payload)
+    offsets = np.frombuffer(payload.buffers()[1], dtype=np.int32)[payload.offset : payload.offset + n + 1].tolist()
+    data = memoryview(payload.buffers()[2])
+    blake2b = hashlib.blake2b
+    return [blake2b(data[a:b], digest_size=16).hexdigest() for a, b in zip(offsets, offsets[1:], strict=False)]
 
 
 def _one_chunk(values: pa.Array | pa.ChunkedArray) -> pa.Array:

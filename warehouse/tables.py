@@ -21,6 +21,8 @@ KEYS: dict[str, tuple[str, ...]] = {
     "media": schema.MEDIA_KEY,
     "quarantine": schema.QUARANTINE_KEY,
     "pairs": schema.PAIRS_KEY,
+    "attribute_predictions": schema.PREDICTION_KEY,
+    "review_queue": schema.PREDICTION_KEY,
 }
 
 
@@ -122,6 +124,22 @@ class Warehouse:
             merger = merger.when_matched_update(updates={c: f"s.{c}" for c in cols}, predicate=update_when)
         return merger.when_not_matched_insert_all().execute()
 
+    def replace_where(self, table: str, data: pa.Table, column: str, values: Sequence[str]) -> None:
+        """Atomically replace every row whose ``column`` is in ``values`` by ``data`` (one commit: Delta's
+        replaceWhere). Used where a product's rows are recomputed as a whole, e.g. its attribute predictions."""
+        if not values:
+            return
+        self.ensure(table)
+        target_schema = schema.TABLES[table]
+        quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+        write_deltalake(
+            self.uri(table),
+            data.select(target_schema.names).cast(target_schema),
+            mode="overwrite",
+            predicate=f"{column} IN ({quoted})",
+            storage_options=self.storage_options,
+        )
+
     # -- query --------------------------------------------------------------------------------------------------
 
     def sql(self, query: str) -> pa.Table:
@@ -138,7 +156,10 @@ class Warehouse:
                 [pa.field(f.name, pa.string_view(), f.nullable) if f.type == pa.string() else f for f in base]
             )
             con.register(name, dt.to_pyarrow_dataset(schema=view))
-        return con.sql(query).to_arrow_table()
+        try:
+            return con.sql(query).to_arrow_table()
+        except duckdb.CatalogException as e:
+            raise LookupError(f"{e}; tables under {self.root}: {', '.join(self.list_tables()) or 'none yet'}") from None
 
     def list_tables(self) -> list[str]:
         import fsspec

@@ -1,0 +1,412 @@
+"""Nearest-neighbour candidate pairs, thresholds and clusters for product dedupe (faiss; Johnson et al. 2019).
+
+Vectors are L2-normalised, so inner product = cosine. ``build_index`` picks exact ``IndexFlatIP`` up to
+``exact_max`` rows and an inverted file (``IndexIVFFlat``, nlist ≈ 4·√N, k-means trained on a sample) or HNSW
+beyond; ``recall_at_k`` measures an approximate index against exact search.
+
+Candidate pairs come from a directed top-k graph (``NeighborGraph``: row i holds the k nearest other products of
+i); the pair set is its undirected union, each pair once with ``a < b``. The graph, not the pair list, is what an
+incremental run keeps: an undirected pair does not say whose top-k it came from, so without the directed lists a
+new product that displaces an old neighbour could not be accounted for. ``update_graph`` re-queries only the new
+and changed products, the old products whose lists pointed at a changed one, and scores every old product against
+the new vectors alone (an (N, C) product) to let new products enter old lists; with an exact index its pairs equal a
+full recompute on the updated catalog.
+
+``cluster`` is connected components under a size cap: edges are merged strongest first (Kruskal order) and a merge
+that would make a component larger than ``max_cluster_size`` is refused. Components under the cap are exactly the
+connected components; a chain that would grow into a giant cluster is cut at its weakest links instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
+
+
+# ------------------------------------------------------------------------------------------------------------ index
+
+
+def _as_matrix(vectors: np.ndarray, name: str = "vectors") -> np.ndarray:
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name} has shape {x.shape}; pass a 2-D (N, D) float32 array")
+    return x
+
+
+def default_nlist(n: int) -> int:
+    """Inverted lists for ``n`` vectors: ≈ 4·√N (faiss's guideline), at least 1 and at most n // 39."""
+    return int(max(1, min(round(4 * math.sqrt(n)), n // 39 or 1)))
+
+
+def build_index(
+    vectors: np.ndarray,
+    *,
+    exact_max: int = 200_000,
+    kind: IndexKind = "auto",
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    m: int = 32,
+    ef_search: int = 128,
+    ef_construction: int = 80,
+    train_size: int | None = None,
+    niter: int = 10,
+    seed: int = 0,
+):
+    """A faiss inner-product index holding ``vectors`` (row i has id i).
+
+    Args:
+        vectors: (N, D) L2-normalised float32.
+        exact_max: with ``kind="auto"``, exact search up to this many rows, IVF beyond.
+        kind: "exact" (IndexFlatIP), "ivf" (IndexIVFFlat), "hnsw" (IndexHNSWFlat) or "auto".
+        nlist: IVF lists; default ≈ 4·√N.
+        nprobe: IVF lists visited per query; default max(8, nlist // 32).
+        m: HNSW links per node.
+        ef_search: HNSW search beam.
+        ef_construction: HNSW build beam.
+        train_size: IVF k-means sample; default 40 points per list (faiss warns under 39).
+        niter: IVF k-means iterations (10 is enough for coarse cells; faiss defaults to 25).
+        seed: sample and k-means seed, so an index is reproducible.
+    """
+    import faiss
+
+    x = _as_matrix(vectors)
+    n, d = x.shape
+    if kind == "auto":
+        kind = "exact" if n <= exact_max else "ivf"
+    if kind == "exact":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or default_nlist(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.niter = niter
+        index.cp.seed = seed
+        index.cp.spherical = True  # centroids renormalised: cells of the unit sphere, as the vectors are
+        sample = min(n, train_size or 40 * nlist)
+        rows = np.random.default_rng(seed).choice(n, sample, replace=False) if sample < n else slice(None)
+        index.train(x[rows])
+        index.nprobe = nprobe or max(8, nlist // 32)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"Unknown index kind {kind!r}; use 'auto', 'exact', 'ivf' or 'hnsw'")
+    index.add(x)
+    return index
+
+
+def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product: scores (Q, k) float32 and row ids (Q, k) int64, -1 where fewer than k exist."""
+    scores, ids = index.search(_as_matrix(queries, "queries"), k)
+    return scores, ids
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over queries of |approx ∩ exact| / |exact| (exact's -1 padding ignored)."""
+    if approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError(f"approx_ids has {approx_ids.shape[0]} queries but exact_ids has {exact_ids.shape[0]}")
+    hits = total = 0
+    for a, e in zip(approx_ids, exact_ids, strict=True):
+        e = e[e >= 0]
+        hits += np.isin(e, a).sum()
+        total += len(e)
+    return float(hits / max(total, 1))
+
+
+# -------------------------------------------------------------------------------------------------- neighbour graph
+
+
+@dataclass(frozen=True)
+class NeighborGraph:
+    """Directed top-k lists: row i holds the k nearest other products of product ``ids[i]``.
+
+    Attributes:
+        ids: product ids (N,).
+        neighbors: row positions of the neighbours (N, k) int64, best first; -1 where the row was not queried.
+        scores: their inner products (N, k) float32, -inf where -1.
+    """
+
+    ids: np.ndarray
+    neighbors: np.ndarray
+    scores: np.ndarray
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The undirected pair set (a, b, score), ``a < b`` in id order, each pair once, sorted by (a, b)."""
+        n, k = self.neighbors.shape
+        src = np.repeat(np.arange(n), k)
+        dst = self.neighbors.ravel()
+        score = self.scores.ravel()
+        keep = dst >= 0
+        return _canonical_pairs(self.ids, src[keep], dst[keep], score[keep])
+
+
+def _canonical_pairs(
+    ids: np.ndarray, src: np.ndarray, dst: np.ndarray, score: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.asarray(ids)
+    a, b = ids[src], ids[dst]
+    swap = b < a
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    if len(a) == 0:
+        return a, b, score.astype(np.float32)
+    # the two directions of a pair may differ in the last bit (different BLAS blocking): keep the larger
+    order = np.lexsort((-score, b, a))
+    a, b, score = a[order], b[order], score[order]
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first], b[first], score[first].astype(np.float32)
+
+
+def _topk_excluding_self(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours (len(rows), k) of ``x[rows]`` among the index, the query's own row dropped."""
+    scores, nbrs = search(index, x[rows], k + 1)
+    is_self = nbrs == rows[:, None]
+    # a query whose own row is not returned (exact duplicates tie with it) drops its last hit instead
+    no_self = ~is_self.any(1)
+    is_self[no_self, -1] = True
+    keep = ~is_self
+    nbrs = nbrs[keep].reshape(len(rows), k)
+    scores = scores[keep].reshape(len(rows), k)
+    scores = np.where(nbrs >= 0, scores, -np.inf).astype(np.float32)
+    return nbrs.astype(np.int64), scores
+
+
+def knn_graph(
+    ids: np.ndarray, vectors: np.ndarray, k: int, index=None, queries_mask: np.ndarray | None = None
+) -> NeighborGraph:
+    """The top-k graph of ``vectors`` (self excluded); only rows in ``queries_mask`` are queried, when given.
+
+    Args:
+        ids: product ids (N,), row i of ``vectors`` is product ``ids[i]``.
+        vectors: (N, D) L2-normalised float32.
+        k: neighbours per product.
+        index: a faiss index holding exactly ``vectors`` in order; built with ``build_index`` when None.
+        queries_mask: (N,) bool, True for the rows to query (new and changed products); None queries all.
+    """
+    x = _as_matrix(vectors)
+    ids = np.asarray(ids)
+    if len(ids) != len(x):
+        raise ValueError(f"ids has {len(ids)} entries but vectors has {len(x)} rows; pass one id per row")
+    if index is None:
+        index = build_index(x)
+    if index.ntotal != len(x):
+        raise ValueError(f"index holds {index.ntotal} vectors but vectors has {len(x)}; build it from vectors")
+    k = min(k, len(x) - 1)
+    neighbors = np.full((len(x), k), -1, dtype=np.int64)
+    scores = np.full((len(x), k), -np.inf, dtype=np.float32)
+    rows = np.arange(len(x)) if queries_mask is None else np.flatnonzero(queries_mask)
+    if len(rows) and k > 0:
+        neighbors[rows], scores[rows] = _topk_excluding_self(index, x, rows, k)
+    return NeighborGraph(ids=ids, neighbors=neighbors, scores=scores)
+
+
+def candidate_pairs(
+    ids: np.ndarray, vectors: np.ndarray, k: int, index=None, queries_mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k self-join as pairs (a, b, score), ``a < b``, deduplicated, self excluded.
+
+    With ``queries_mask`` (new/changed products) only those rows are searched, against the full index, so a pair
+    between two unmasked products is never produced.
+    """
+    return knn_graph(ids, vectors, k, index=index, queries_mask=queries_mask).pairs()
+
+
+def update_graph(
+    graph: NeighborGraph,
+    vectors: np.ndarray,
+    new_ids: np.ndarray,
+    new_vectors: np.ndarray,
+    *,
+    removed_ids: np.ndarray | None = None,
+    index=None,
+) -> tuple[NeighborGraph, np.ndarray]:
+    """The top-k graph after adding new products and replacing changed ones, without re-querying the rest.
+
+    Old rows keep their order (changed and removed ones dropped) and new rows follow. Re-queried against the updated
+    index: new/changed products, and old products whose list held a changed or removed one. Every other old product
+    has only to see whether a new vector beats its current k-th neighbour, which one exact (N_old, C) inner product
+    decides. With an exact index the result equals ``knn_graph`` on the updated catalog (up to score ties).
+
+    Args:
+        graph: the current graph, over ``vectors``.
+        vectors: (N, D) the vectors ``graph`` was built from.
+        new_ids: ids of new or changed products (C,).
+        new_vectors: (C, D) their vectors.
+        removed_ids: ids deleted from the catalog, if any.
+        index: a faiss index over the returned vectors (old kept rows, then new); exact when None.
+
+    Returns:
+        The updated graph and its (N', D) vectors.
+    """
+    import faiss
+
+    old_x, new_x = _as_matrix(vectors), _as_matrix(new_vectors, "new_vectors")
+    new_ids = np.asarray(new_ids)
+    if len(new_ids) != len(new_x):
+        raise ValueError(f"new_ids has {len(new_ids)} entries but new_vectors has {len(new_x)} rows")
+    k = graph.neighbors.shape[1]
+    gone = np.isin(graph.ids, new_ids)
+    if removed_ids is not None:
+        gone |= np.isin(graph.ids, np.asarray(removed_ids))
+    kept = np.flatnonzero(~gone)
+    remap = np.full(len(graph.ids) + 1, -1, dtype=np.int64)  # slot -1 maps the padding to itself
+    remap[kept] = np.arange(len(kept))
+    ids = np.concatenate([graph.ids[kept], new_ids])
+    x = np.concatenate([old_x[kept], new_x])
+    n_old, n = len(kept), len(ids)
+    k = min(k, n - 1)
+    old_nbrs = graph.neighbors[kept, :k]
+    nbrs = remap[old_nbrs]
+    scores = graph.scores[kept, :k].copy()
+    stale = ((nbrs < 0) & (old_nbrs >= 0)).any(1) | (old_nbrs < 0).any(1)
+
+    if index is None:
+        index = build_index(x, kind="exact")
+    neighbors = np.full((n, k), -1, dtype=np.int64)
+    all_scores = np.full((n, k), -np.inf, dtype=np.float32)
+    requery = np.concatenate([np.flatnonzero(stale), np.arange(n_old, n)])
+    if len(requery) and k > 0:
+        neighbors[requery], all_scores[requery] = _topk_excluding_self(index, x, requery, k)
+
+    fresh = np.flatnonzero(~stale)
+    if len(fresh) and len(new_x) and k > 0:
+        # can a new vector enter a fresh old list? exact scores against the new vectors only: (N_fresh, C)
+        small = faiss.IndexFlatIP(x.shape[1])
+        small.add(new_x)
+        s_new, j_new = small.search(x[fresh], min(k, len(new_x)))
+        cand_n = np.concatenate([nbrs[fresh], np.where(j_new >= 0, j_new + n_old, -1)], axis=1)
+        cand_s = np.concatenate([scores[fresh], np.where(j_new >= 0, s_new, -np.inf)], axis=1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        neighbors[fresh] = np.take_along_axis(cand_n, order, 1)
+        all_scores[fresh] = np.take_along_axis(cand_s, order, 1)
+    elif len(fresh):
+        neighbors[fresh], all_scores[fresh] = nbrs[fresh], scores[fresh]
+    return NeighborGraph(ids=ids, neighbors=neighbors, scores=all_scores), x
+
+
+# ------------------------------------------------------------------------------------------------------- threshold
+
+
+def threshold_for_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The score cut (predict a match when score >= threshold) that maximises F1 on labelled pairs -> (cut, F1)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    if len(scores) != len(labels) or len(scores) == 0:
+        raise ValueError(f"threshold_for_f1 needs equal, non-empty scores ({len(scores)}) and labels ({len(labels)})")
+    if not labels.any():
+        raise ValueError("threshold_for_f1 got no positive labels; F1 is undefined, pass a split with matches")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    predicted = np.arange(1, len(s) + 1)
+    last_of_tie = np.r_[s[1:] != s[:-1], True]  # a cut can only fall between distinct scores
+    f1 = np.where(last_of_tie, 2 * tp / (predicted + labels.sum()), -1.0)
+    best = int(np.argmax(f1))
+    return float(s[best]), float(f1[best])
+
+
+# ---------------------------------------------------------------------------------------------------------- cluster
+
+
+def cluster(
+    a: np.ndarray,
+    b: np.ndarray,
+    n_or_ids: int | np.ndarray,
+    *,
+    scores: np.ndarray | None = None,
+    max_cluster_size: int = 50,
+) -> np.ndarray:
+    """Cluster ids (N,) int64 from match pairs: connected components, no component above ``max_cluster_size``.
+
+    Edges are merged strongest first (by ``scores``; in the given order without them) and a merge that would make a
+    component larger than ``max_cluster_size`` is refused, so a long chain of matches is cut at its weakest links
+    rather than growing into one giant cluster. Cluster ids are 0..C-1 in order of each cluster's first member.
+
+    Args:
+        a, b: the matched pairs, as row positions when ``n_or_ids`` is a count, else as ids from ``n_or_ids``.
+        n_or_ids: the number of products, or their ids (N,).
+        scores: pair scores (E,); higher merges first.
+        max_cluster_size: the cap; 0 or None for plain connected components.
+    """
+    if isinstance(n_or_ids, (int, np.integer)):
+        n = int(n_or_ids)
+        ia, ib = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    else:
+        ids = np.asarray(n_or_ids)
+        n = len(ids)
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        ia = order[np.searchsorted(sorted_ids, a)] if len(a) else np.zeros(0, dtype=np.int64)
+        ib = order[np.searchsorted(sorted_ids, b)] if len(b) else np.zeros(0, dtype=np.int64)
+        if len(a) and (
+            (sorted_ids[np.searchsorted(sorted_ids, a).clip(0, n - 1)] != a).any()
+            or (sorted_ids[np.searchsorted(sorted_ids, b).clip(0, n - 1)] != b).any()
+        ):
+            raise ValueError("cluster got pair ids that are not in n_or_ids; pass the ids the pairs were made from")
+    if len(ia) != len(ib):
+        raise ValueError(f"cluster got {len(ia)} left and {len(ib)} right pair ends; pass equal-length arrays")
+    if scores is not None:
+        edge_order = np.argsort(-np.asarray(scores), kind="stable")
+        ia, ib = ia[edge_order], ib[edge_order]
+    cap = max_cluster_size or n
+
+    parent = np.arange(n)
+    size = np.ones(n, dtype=np.int64)
+
+    def find(i: int) -> int:
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:  # path compression
+            parent[i], i = root, parent[i]
+        return root
+
+    for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
+        ri, rj = find(i), find(j)
+        if ri == rj or size[ri] + size[rj] > cap:
+            continue
+        if size[ri] < size[rj]:
+            ri, rj = rj, ri
+        parent[rj] = ri
+        size[ri] += size[rj]
+    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+    _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse]
+
+
+def cluster_size_distribution(cluster_ids: np.ndarray) -> dict[str, object]:
+    """Sizes of the clusters: {"clusters", "singletons", "max", "mean", "histogram": {size: count}}."""
+    sizes = np.bincount(np.asarray(cluster_ids))
+    sizes = sizes[sizes > 0]
+    hist = Counter(sizes.tolist())
+    return {
+        "clusters": int(len(sizes)),
+        "singletons": int(hist.get(1, 0)),
+        "max": int(sizes.max()) if len(sizes) else 0,
+        "mean": float(sizes.mean()) if len(sizes) else 0.0,
+        "histogram": {int(s): int(c) for s, c in sorted(hist.items())},
+    }
+
+
+def nmi_purity(cluster_ids: np.ndarray, categories: np.ndarray) -> tuple[float, float]:
+    """Normalised mutual information and purity of clusters against reference categories -> (NMI, purity)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    cluster_ids, categories = np.asarray(cluster_ids), np.asarray(categories)
+    if len(cluster_ids) != len(categories) or len(cluster_ids) == 0:
+        raise ValueError(f"nmi_purity needs equal, non-empty arrays: got {len(cluster_ids)} and {len(categories)}")
+    nmi = float(normalized_mutual_info_score(categories, cluster_ids))
+    _, cat_codes = np.unique(categories, return_inverse=True)
+    _, cl_codes = np.unique(cluster_ids, return_inverse=True)
+    table = np.zeros((cl_codes.max() + 1, cat_codes.max() + 1), dtype=np.int64)
+    np.add.at(table, (cl_codes, cat_codes), 1)
+    purity = float(table.max(1).sum() / len(cluster_ids))
+    return nmi, purity

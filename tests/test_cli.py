@@ -1,0 +1,54 @@
+"""The `enrich` command line: smoke tests through typer's runner (in-process, under the Prefect test harness)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    out = runner.invoke(app, ["--help"])
+    assert out.exit_code == 0
+    for cmd in ("ingest", "import", "sql", "demo"):
+        assert cmd in out.output
+
+
+def test_ingest_then_sql(tmp_path, prefect_harness):
+    catalog = tmp_path / "c.jsonl"
+    catalog.write_text(
+        "\n".join(json.dumps(r) for r in [{"sku": "a", "name": "Red Mug"}, {"sku": "b"}, {"sku": "c", "name": "Tee"}])
+    )
+    wh = str(tmp_path / "wh")
+    out = runner.invoke(app, ["ingest", str(catalog), "-w", wh, "--no-media"])
+    assert out.exit_code == 0, out.output
+    assert "missing_title" in out.output
+    out = runner.invoke(app, ["sql", "SELECT product_id FROM products ORDER BY 1", "-w", wh])
+    assert out.exit_code == 0 and "a" in out.output and "c" in out.output
+
+
+def test_bad_arguments_say_what_to_fix(tmp_path):
+    out = runner.invoke(app, ["ingest", "x.jsonl", "--mapping", "{not json"])
+    assert out.exit_code != 0 and "--mapping must be a JSON object" in out.output
+    out = runner.invoke(app, ["import", "no-such-dataset", str(tmp_path)])
+    assert out.exit_code == 2 and "Unknown dataset 'no-such-dataset'" in out.output
+    out = runner.invoke(app, ["sql", "SELECT 1 FROM products", "-w", str(tmp_path / "empty")])
+    assert out.exit_code == 2 and "none yet" in out.output
+
+
+def test_demo_small(tmp_path, prefect_harness):
+    out = runner.invoke(
+        app, ["demo", "--workdir", str(tmp_path / "demo"), "-w", str(tmp_path / "wh"), "--n-products", "40"]
+    )
+    assert out.exit_code == 0, out.output
+    from warehouse.tables import Warehouse
+
+    wh = Warehouse(tmp_path / "wh")
+    bad = json.loads((tmp_path / "demo" / "bad_rows.json").read_text())
+    reasons = sorted(r["reason"] for r in wh.read("quarantine").to_pylist())
+    assert reasons == sorted(b["expected_reason"] for b in bad)
+    assert wh.read("products").num_rows >= 40
