@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -21,10 +22,8 @@ def _version(name: str) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    try:
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
         client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass
     with mlflow.start_run() as run:
         mlflow.log_param("x", 1)
     return client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version

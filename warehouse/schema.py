@@ -71,7 +71,8 @@ PRODUCTS = pa.schema(
 
 MEDIA = pa.schema(
     [
-        pa.field("media_id", pa.string(), nullable=False),  # "<product_id>|<uri>|<frame_ts with 3 decimals, empty for images>"
+        # "<product_id>|<uri>|<frame_ts with 3 decimals, empty for images>"
+        pa.field("media_id", pa.string(), nullable=False),
         pa.field("product_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),  # image | video_frame
