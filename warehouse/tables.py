@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 
 from warehouse import schema
 from warehouse.config import WarehouseSettings
@@ -23,6 +23,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "pairs": schema.PAIRS_KEY,
     "attribute_predictions": schema.PREDICTION_KEY,
     "review_queue": schema.PREDICTION_KEY,
+    "predicted_products": ("product_id",),
 }
 
 
@@ -171,6 +172,19 @@ class Warehouse:
             return []
         names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
         return [n for n in names if self.exists(n)]
+
+
+# Columns with (nearly) one value per row: a Parquet dictionary only costs time there (~20% of a products append).
+_UNIQUE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "products": ("product_id", "title", "description", "extra", "content_hash"),
+}
+
+
+def _writer_properties(table: str) -> WriterProperties:
+    unique = _UNIQUE_COLUMNS.get(table, ())
+    return WriterProperties(
+        compression="SNAPPY", column_properties={c: ColumnProperties(dictionary_enabled=False) for c in unique} or None
+    )
 
 
 def _fsspec_kwargs(wh: Warehouse) -> dict[str, Any]:

@@ -116,7 +116,9 @@ def _uri_list(name: str, value: Any, limit: int, uri_limit: int, position: str) 
         raise Invalid(Reason.FIELD_TOO_LONG, f"{position}: {len(value)} {name}, over the limit {limit}; raise Limits")
     for v in value:
         if len(v) > uri_limit:
-            raise Invalid(Reason.FIELD_TOO_LONG, f"{position}: a {name} URI has {len(v)} characters (limit {uri_limit})")
+            raise Invalid(
+                Reason.FIELD_TOO_LONG, f"{position}: a {name} URI has {len(v)} characters (limit {uri_limit})"
+            )
     return [v.strip() for v in value]
 
 
@@ -199,7 +201,9 @@ def to_canonical(
     elif fields.get("extra") not in (None, ""):
         extra = {"extra": fields["extra"], **extra}
     row = {
-        "product_id": _text("product_id", fields.get("product_id"), limits.product_id, required=True, position=position),
+        "product_id": _text(
+            "product_id", fields.get("product_id"), limits.product_id, required=True, position=position
+        ),
         "title": _text("title", fields.get("title"), limits.title, required=True, position=position),
         "description": _text("description", fields.get("description"), limits.description, position=position),
         "category": _text("category", fields.get("category"), limits.category, position=position),
@@ -320,7 +324,9 @@ def _plan_table(plan: _Plan, source: str, limits: Limits) -> tuple[pa.Table, lis
         elif target in ("images", "videos"):
             out[target] = _uri_column(col, getattr(limits, target), limits.uri, ok)
         else:  # updated_at
-            out[target] = pa.array(col if _only(col, str) else [None if x is None else str(x) for x in col], pa.string())
+            out[target] = pa.array(
+                col if _only(col, str) else [None if x is None else str(x) for x in col], pa.string()
+            )
     empty_lists = np.zeros(n + 1, dtype=np.int32)
     for name, field in zip(schema.CANONICAL.names, schema.CANONICAL, strict=True):
         if name not in out:

@@ -1,0 +1,222 @@
+"""Dedupe speed and recall: top-10 self-join of 100k and 1M synthetic product vectors, exact faiss vs IVF.
+
+Data (``synth``): 256-d float32, L2-normalised. N/1000 categories and N/10 products; each product appears as a
+group of 1 + Poisson(9) near-duplicates (mean cosine to the nearest duplicate ≈ 0.97, to the 10th neighbour ≈ 0.87),
+the rest of N as singletons. Directions follow a power-law spectrum (variance ∝ 1/i over dimension i), as learned
+embeddings do, so the neighbours beyond a product's own duplicates are real near neighbours inside its category,
+not ties among isotropic noise.
+
+Variants, each in its own subprocess (own peak RSS, ``ru_maxrss``), faiss and BLAS on 2 threads:
+
+- ``exact``: ``IndexFlatIP``; at 100k the full self-join; at 1M only ``--exact-queries`` sampled queries (the full
+  exact join is 10^12 dot products of 256-d, hours on 2 cores), the time of the full join extrapolated linearly.
+- ``ivf``: ``build_index(kind="ivf")`` + ``knn_graph`` (features/similarity.py: one BLAS product per inverted list),
+  recall@10 against the exact neighbours of the same queries, then threshold + ``cluster`` (NMI vs the true groups).
+
+Run: ``.venv/bin/python bench/dedupe.py`` (``make bench``); writes bench/results/dedupe.json. Timings on a shared
+machine are noisy: other processes compete for the same 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+THREADS = 2
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
+os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results" / "dedupe.json"
+K = 10
+DIM = 256
+MATCH_THRESHOLD = 0.92  # between the duplicate (≈0.97) and neighbour (≈0.87) cosines of the synthetic data
+
+
+def synth(n: int, d: int = DIM, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) normalised vectors and their near-duplicate group ids (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    spectrum = (np.arange(1, d + 1) ** -0.5).astype(np.float32)
+    spectrum /= np.sqrt((spectrum**2).sum())
+    categories = rng.standard_normal((max(10, n // 1000), d), dtype=np.float32) * spectrum
+    sizes = 1 + rng.poisson(9, n // 10)
+    sizes = sizes[np.cumsum(sizes) <= n]
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    group = np.concatenate([group, np.arange(len(sizes), len(sizes) + n - len(group))])  # singletons
+    n_groups = int(group.max()) + 1
+    centers = categories[rng.integers(0, len(categories), n_groups)]
+    centers += 0.7 * rng.standard_normal((n_groups, d), dtype=np.float32) * spectrum
+    x = centers[group] + 0.25 * rng.standard_normal((n, d), dtype=np.float32) * spectrum
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, group
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_variant(variant: str, n: int, exact_queries: int, nprobe: int, workdir: Path) -> dict:
+    """One measurement, in this (sub)process."""
+    import faiss
+
+    from features.similarity import build_index, cluster, knn_graph, nmi_purity, recall_at_k
+
+    faiss.omp_set_num_threads(THREADS)
+    x, group = synth(n)
+    ids = np.arange(n)
+    queries = np.sort(np.random.default_rng(1).choice(n, exact_queries, replace=False)) if exact_queries < n else ids
+    truth = workdir / f"exact_{n}.npy"
+    row: dict = {"n": n, "variant": variant, "k": K}
+    rss_data = peak_rss_mb()
+    if variant == "exact":
+        t0 = time.perf_counter()
+        index = build_index(x, kind="exact")
+        t_build = time.perf_counter() - t0
+        mask = np.zeros(n, dtype=bool)
+        mask[queries] = True
+        t0 = time.perf_counter()
+        graph = knn_graph(ids, x, K, index=index, queries_mask=mask)
+        t_join = time.perf_counter() - t0
+        np.save(truth, graph.neighbors[queries])
+        row.update(
+            build_s=t_build,
+            join_s=t_join,
+            queries=len(queries),
+            full_join_s=(t_build + t_join * n / len(queries)),
+            full_join_extrapolated=len(queries) < n,
+            recall_at_10=1.0,
+        )
+    else:
+        t0 = time.perf_counter()
+        index = build_index(x, kind="ivf", nprobe=nprobe)
+        t_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        graph = knn_graph(ids, x, K, index=index)
+        t_join = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        a, b, s = graph.pairs()
+        keep = s >= MATCH_THRESHOLD
+        clusters = cluster(a[keep], b[keep], n, scores=s[keep], max_cluster_size=50)
+        t_cluster = time.perf_counter() - t0
+        nmi, purity = nmi_purity(clusters, group)
+        recall = recall_at_k(graph.neighbors[queries], np.load(truth)) if truth.exists() else None
+        row.update(
+            build_s=t_build,
+            join_s=t_join,
+            cluster_s=t_cluster,
+            full_join_s=t_build + t_join,
+            dedupe_s=t_build + t_join + t_cluster,
+            queries=len(queries),
+            recall_at_10=recall,
+            nlist=int(index.nlist),
+            nprobe=int(index.nprobe),
+            pairs=int(len(a)),
+            matched_pairs=int(keep.sum()),
+            cluster_nmi=nmi,
+            cluster_purity=purity,
+        )
+    row.update(rss_after_data_mb=rss_data, peak_rss_mb=peak_rss_mb())
+    return row
+
+
+def machine() -> dict:
+    import faiss
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpus_visible": os.cpu_count(),
+        "threads": THREADS,
+        "loadavg_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N")
+    parser.add_argument("--exact-queries-1m", type=int, default=5000, help="sampled exact queries when N > 200k")
+    parser.add_argument("--nprobe", type=int, default=8)
+    parser.add_argument("--one", nargs=4, metavar=("VARIANT", "N", "QUERIES", "WORKDIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        variant, n, q, workdir = args.one
+        print(json.dumps(run_variant(variant, int(n), int(q), args.nprobe, Path(workdir))))
+        return
+
+    info = machine()
+    rows = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dedupe-bench-") as workdir:
+        for n in (int(s) for s in args.sizes.split(",")):
+            queries = n if n <= 200_000 else min(n, args.exact_queries_1m)
+            for variant in ("exact", "ivf"):  # exact first: the IVF run reads its neighbours for recall
+                cmd = [sys.executable, __file__, "--nprobe", str(args.nprobe), "--one", variant, str(n), str(queries)]
+                out = subprocess.run([*cmd, workdir], check=True, capture_output=True, text=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(
+                    f"n={n:>9,} {variant:5s} build {row['build_s']:6.1f}s join {row['join_s']:7.1f}s "
+                    f"recall@10 {row['recall_at_10']} rss {row['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+    total = time.perf_counter() - started
+    print()
+    print(
+        f"{'N':>9} | {'variant':7} | {'build s':>7} | {'top-10 join s':>13} | {'cluster s':>9} | "
+        f"{'full join s':>11} | {'recall@10':>9} | {'peak RSS MB':>11} | {'NMI':>5}"
+    )
+    for r in rows:
+        join = f"{r['join_s']:.1f}" + (f" ({r['queries']} q)" if r["queries"] < r["n"] else "")
+        full = f"{r['full_join_s']:.0f}" + ("*" if r.get("full_join_extrapolated") else "")
+        print(
+            f"{r['n']:>9,} | {r['variant']:7} | {r['build_s']:>7.1f} | {join:>13} | {r.get('cluster_s', 0):>9.1f} | "
+            f"{full:>11} | {r['recall_at_10'] or float('nan'):>9.4f} | {r['peak_rss_mb']:>11.0f} | "
+            f"{r.get('cluster_nmi', float('nan')):>5.3f}"
+        )
+    print("* extrapolated from the sampled queries. recall@10: IVF top-10 vs exact top-10 of the same queries.")
+    print(f"total bench time {total:.0f} s")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "machine": info,
+                "data": "synth(): 256-d, power-law spectrum, N/1000 categories, groups of 1+Poisson(9) duplicates",
+                "k": K,
+                "match_threshold": MATCH_THRESHOLD,
+                "bench_total_s": total,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

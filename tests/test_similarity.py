@@ -1,0 +1,138 @@
+"""Dedupe core (features/similarity.py): exact/IVF/HNSW indexes, top-k pairs, incremental updates, clusters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from features.similarity import (
+    build_index,
+    candidate_pairs,
+    default_nlist,
+    cluster,
+    cluster_size_distribution,
+    knn_graph,
+    nmi_purity,
+    recall_at_k,
+    search,
+    threshold_for_f1,
+    update_graph,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_faiss_threads():
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n_groups: int, size: int, d: int, noise: float, seed: int = 0, singletons: int = 0):
+    """Groups of near-duplicates around random centres, then singletons -> (vectors, group ids)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_groups, d))
+    group = np.repeat(np.arange(n_groups), size)
+    x = centres[group] + noise * rng.standard_normal((len(group), d))
+    x = np.concatenate([x, rng.standard_normal((singletons, d))])
+    group = np.concatenate([group, n_groups + np.arange(singletons)])
+    return normalize(x), group
+
+
+def pair_set(a, b) -> set:
+    return set(zip(np.asarray(a).tolist(), np.asarray(b).tolist(), strict=True))
+
+
+def test_known_duplicates_are_found_thresholded_and_clustered():
+    x, group = clustered(n_groups=30, size=3, d=32, noise=0.1, singletons=60)
+    ids = np.array([f"p{i:03d}" for i in range(len(x))])
+    a, b, s = candidate_pairs(ids, x, k=4)
+    assert (a < b).all() and len(pair_set(a, b)) == len(a)  # canonical, deduplicated, no self pairs
+    pos = {i: n for n, i in enumerate(ids)}
+    same = group[[pos[i] for i in a]] == group[[pos[i] for i in b]]
+    assert same.sum() == 30 * 3  # every true duplicate pair (3 per group of 3) is a candidate
+    cut, f1 = threshold_for_f1(s, same)
+    assert f1 == 1.0
+    keep = s >= cut
+    clusters = cluster(a[keep], b[keep], ids, scores=s[keep])
+    assert nmi_purity(clusters, group) == (1.0, 1.0)
+    dist = cluster_size_distribution(clusters)
+    assert dist["histogram"] == {1: 60, 3: 30} and dist["max"] == 3
+
+
+def test_queries_mask_never_pairs_two_unmasked_products():
+    x, _ = clustered(n_groups=20, size=4, d=16, noise=0.2)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[::7] = True
+    a, b, _ = candidate_pairs(np.arange(len(x)), x, k=5, queries_mask=mask)
+    assert len(a) and (mask[a] | mask[b]).all()
+
+
+def test_incremental_update_equals_full_recompute():
+    x, _ = clustered(n_groups=60, size=5, d=24, noise=0.3, singletons=100, seed=1)
+    rng = np.random.default_rng(2)
+    ids = np.arange(len(x)) * 10
+    old = rng.permutation(len(x))[:320]
+    graph = knn_graph(ids[old], x[old], k=6)
+    # 40 changed products (same id, moved vector), 80 new ones, 10 deleted
+    changed = old[:40]
+    moved = normalize(x[changed] + 0.5 * rng.standard_normal(x[changed].shape))
+    new = np.setdiff1d(np.arange(len(x)), old)
+    removed = ids[old[40:50]]
+    new_ids = np.concatenate([ids[changed], ids[new]])
+    new_x = np.concatenate([moved, x[new]])
+    updated, vectors = update_graph(graph, x[old], new_ids, new_x, removed_ids=removed)
+
+    kept = old[50:]
+    full_ids = np.concatenate([ids[kept], new_ids])
+    full_x = np.concatenate([x[kept], new_x])
+    assert (updated.ids == full_ids).all() and np.array_equal(vectors, full_x)
+    full = knn_graph(full_ids, full_x, k=6)
+    ua, ub, us = updated.pairs()
+    fa, fb, fs = full.pairs()
+    assert pair_set(ua, ub) == pair_set(fa, fb)
+    np.testing.assert_allclose(us, fs, atol=1e-5)
+
+
+def test_exact_below_exact_max_and_ivf_recall_on_20k_clustered():
+    import faiss
+
+    x, _ = clustered(n_groups=2000, size=10, d=32, noise=0.3, seed=3)
+    assert isinstance(build_index(x[:1000], exact_max=5000), faiss.IndexFlatIP)
+    ivf = build_index(x, exact_max=5000, nprobe=8)
+    assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.nlist == default_nlist(len(x)) == 512
+    queries = np.random.default_rng(0).choice(len(x), 500, replace=False)
+    exact = search(build_index(x, kind="exact"), x[queries], 11)[1][:, 1:]
+    mask = np.zeros(len(x), dtype=bool)
+    mask[queries] = True
+    graph = knn_graph(np.arange(len(x)), x, 10, index=ivf, queries_mask=mask)  # the blocked IVF self-join
+    assert recall_at_k(graph.neighbors[queries], exact) >= 0.95
+    hnsw = build_index(x[:5000], kind="hnsw", m=16)
+    approx = search(hnsw, x[queries[:200]], 10)[1]
+    truth = search(build_index(x[:5000], kind="exact"), x[queries[:200]], 10)[1]
+    assert recall_at_k(approx, truth) >= 0.95
+
+
+def test_giant_cluster_guard_cuts_a_chain_at_its_weakest_links():
+    # two tight groups of 4 (score 0.95), chained by one weak edge (0.6), then a long uniform chain
+    a = np.array([0, 1, 2, 4, 5, 6, 3, *range(8, 29)])
+    b = np.array([1, 2, 3, 5, 6, 7, 4, *range(9, 30)])
+    s = np.array([0.95] * 6 + [0.6] + [0.9] * 21)
+    plain = cluster(a, b, 30, scores=s, max_cluster_size=0)
+    assert cluster_size_distribution(plain)["max"] == 22  # connected components chain 8..29
+    guarded = cluster(a, b, 30, scores=s, max_cluster_size=5)
+    assert len(set(guarded[:4])) == 1 and len(set(guarded[4:8])) == 1 and guarded[0] != guarded[4]
+    assert cluster_size_distribution(guarded)["max"] <= 5
+
+
+def test_nmi_purity_and_threshold_toy():
+    nmi, purity = nmi_purity(np.array([0, 0, 1, 1, 2, 2]), np.array(["a", "a", "b", "b", "b", "b"]))
+    assert purity == 1.0 and 0.5 < nmi < 1.0
+    assert nmi_purity(np.zeros(4, int), np.array([0, 0, 1, 1]))[1] == 0.5
+    cut, f1 = threshold_for_f1(np.array([0.9, 0.8, 0.7, 0.2]), np.array([1, 1, 0, 0]))
+    assert (cut, f1) == (0.8, 1.0)
+    with pytest.raises(ValueError, match="no positive labels"):
+        threshold_for_f1(np.array([0.1]), np.array([0]))
