@@ -219,7 +219,7 @@ def train_jave_cmd(
     s = train_jave(dataset=dataset, data_path=data_path, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr,
                    tower_lr=tower_lr, max_length=max_length, patience=patience, seed=seed, use_image=image,
                    use_global_gate=global_gate, use_regional_gate=regional_gate, use_kl=kl, max_train=max_train,
-                   max_steps=max_steps, register=register, warehouse_root=warehouse)  # fmt: skip
+                   max_steps=max_steps, register_model=register, warehouse_root=warehouse)  # fmt: skip
     console.print_json(data={k: s[k] for k in ("run_id", "model_version", "promotion", "published_metric", "test",
                                                 "epochs_run", "seconds")})  # fmt: skip
 

@@ -108,7 +108,7 @@ def promote_if_better(
         client.set_registered_model_alias(model_name, CHAMPION, version)
         return Promotion(True, f"no champion yet: version {version} becomes @{CHAMPION}", None)
     tags = current.tags or {}
-    if current.version == version:
+    if str(current.version) == version:
         return Promotion(False, f"version {version} already is @{CHAMPION}", current.version)
     if tags.get("eval_set") != eval_set or tags.get("eval_metric") != metric:
         return Promotion(
@@ -116,7 +116,7 @@ def promote_if_better(
             f"@{CHAMPION} (version {current.version}) was scored on {tags.get('eval_set')!r} by "
             f"{tags.get('eval_metric')!r}, not {eval_set!r} by {metric!r}: not comparable, alias left in place "
             f"(evaluate both on the same set, or move it by hand with `enrich promote`)",
-            current.version,
+            str(current.version),
         )
     best = float(tags.get("eval_value", "nan"))
     better = (value > best if higher_is_better else value < best) or math.isnan(best)
@@ -124,11 +124,11 @@ def promote_if_better(
         return Promotion(
             False,
             f"{metric}={value:.4f} does not beat @{CHAMPION} version {current.version} ({best:.4f}) on {eval_set}",
-            current.version,
+            str(current.version),
         )
     client.set_registered_model_alias(model_name, CHAMPION, version)
     return Promotion(
-        True, f"{metric}={value:.4f} beats version {current.version} ({best:.4f}) on {eval_set}", current.version
+        True, f"{metric}={value:.4f} beats version {current.version} ({best:.4f}) on {eval_set}", str(current.version)
     )
 
 

@@ -288,7 +288,7 @@ def train_jave(
     max_train: int | None = None,
     max_steps: int | None = None,
     experiment: str = EXPERIMENT,
-    register: bool = True,
+    register_model: bool = True,
     warehouse_root: str | None = None,
     checkpoint_root: str = "data/checkpoints",
 ) -> dict[str, Any]:
@@ -300,7 +300,9 @@ def train_jave(
                         max_train=max_train)  # fmt: skip
     cfg = _train_cfg(epochs=epochs, batch_size=batch_size, lr=lr, tower_lr=tower_lr, patience=patience, seed=seed,
                      max_steps=max_steps, num_threads=os.cpu_count())  # fmt: skip
-    summary = train_one(run, cfg, wh=wh, experiment=experiment, register=register, checkpoint_root=checkpoint_root)
+    summary = train_one(
+        run, cfg, wh=wh, experiment=experiment, register=register_model, checkpoint_root=checkpoint_root
+    )
     create_markdown_artifact(key="train-jave", markdown=_summary_md([summary]), description=f"JAVE on {dataset}")
     return summary
 

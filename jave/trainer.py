@@ -312,6 +312,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
                 "params": params,
                 "lr": cfg.tower_lr if tower else cfg.lr,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
+                "name": f"{'tower' if tower else 'heads'}{'' if decay else '_no_decay'}",
             }
         )
     return out
@@ -326,6 +327,15 @@ def warmup_linear(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return factor
+
+
+def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``lr`` (heads) and ``lr_tower`` as they stand now."""
+    out = {}
+    for group in optimizer.param_groups:
+        key = "lr_tower" if group.get("name", "").startswith("tower") else "lr"
+        out.setdefault(key, float(group["lr"]))
+    return out
 
 
 def _rng_state() -> dict[str, Any]:
@@ -407,8 +417,10 @@ def train(
         spec: the task.
         cfg: the run's settings.
         on_epoch: called after each epoch (1-based) with ``train/<term>`` (``jave_loss`` terms averaged over the
-            epoch's batches), ``lr`` and, on evaluation epochs, ``val/<metric>``; after ``last.pt`` is written.
-        on_step: called after each optimizer step with the global step and ``train/<term>`` of that batch, ``lr``.
+            epoch's batches), ``lr`` / ``lr_tower`` and, on evaluation epochs, ``val/<metric>``; after ``last.pt``
+            is written.
+        on_step: called after each optimizer step with the global step, ``train/<term>`` of that batch, ``lr`` and
+            ``lr_tower``.
         evaluate_fn: ``(model, val_examples) -> metrics`` instead of ``evaluate``.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists (a finished run returns at once).
         image_loader, preprocess, visual_cache: images, as in ``jave.data.batches``.
@@ -562,9 +574,9 @@ def _train(
             for k, v in values.items():
                 sums[k] += v
             if on_step is not None:
-                on_step(state["step"], {**values, "lr": scheduler.get_last_lr()[-1]})
+                on_step(state["step"], {**values, **_learning_rates(optimizer)})
         metrics = {k: v / max(n_batches, 1) for k, v in sums.items()}
-        metrics["lr"] = float(scheduler.get_last_lr()[-1])
+        metrics.update(_learning_rates(optimizer))
         out_of_steps = cfg.max_steps is not None and state["step"] >= cfg.max_steps
         last_epoch = epoch == cfg.epochs or out_of_steps
         if val_examples and (epoch % cfg.eval_every == 0 or last_epoch):

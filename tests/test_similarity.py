@@ -8,9 +8,9 @@ import pytest
 from features.similarity import (
     build_index,
     candidate_pairs,
-    default_nlist,
     cluster,
     cluster_size_distribution,
+    default_nlist,
     knn_graph,
     nmi_purity,
     recall_at_k,
@@ -21,7 +21,7 @@ from features.similarity import (
 
 
 @pytest.fixture(scope="module", autouse=True)
-def two_faiss_threads():
+def one_faiss_thread():
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -40,6 +40,15 @@ def clustered(n_groups: int, size: int, d: int, noise: float, seed: int = 0, sin
     x = np.concatenate([x, rng.standard_normal((singletons, d))])
     group = np.concatenate([group, n_groups + np.arange(singletons)])
     return normalize(x), group
+
+
+def categorised(n_cat: int, n_groups: int, size: int, d: int, seed: int = 0) -> np.ndarray:
+    """Categories -> products -> near-duplicates: neighbours beyond a product's duplicates are real, not ties."""
+    rng = np.random.default_rng(seed)
+    cat = rng.standard_normal((n_cat, d))
+    centres = cat[rng.integers(0, n_cat, n_groups)] + 0.6 * rng.standard_normal((n_groups, d))
+    group = np.repeat(np.arange(n_groups), size)
+    return normalize(centres[group] + 0.25 * rng.standard_normal((len(group), d)))
 
 
 def pair_set(a, b) -> set:
@@ -100,7 +109,7 @@ def test_incremental_update_equals_full_recompute():
 def test_exact_below_exact_max_and_ivf_recall_on_20k_clustered():
     import faiss
 
-    x, _ = clustered(n_groups=2000, size=10, d=32, noise=0.3, seed=3)
+    x = categorised(n_cat=50, n_groups=2000, size=10, d=32, seed=3)
     assert isinstance(build_index(x[:1000], exact_max=5000), faiss.IndexFlatIP)
     ivf = build_index(x, exact_max=5000, nprobe=8)
     assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.nlist == default_nlist(len(x)) == 512

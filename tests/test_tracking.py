@@ -38,15 +38,15 @@ def test_champion_moves_only_when_better_on_same_eval_set(store):
         champion("jave")
     v1, v2, v3, v4 = (_version("jave") for _ in range(4))
     assert promote_if_better("jave", v1, metric="f1", value=0.80, eval_set="ae-110k/test").promoted
-    assert champion("jave").version == v1
+    assert str(champion("jave").version) == str(v1)
     worse = promote_if_better("jave", v2, metric="f1", value=0.79, eval_set="ae-110k/test")
     assert not worse.promoted and "does not beat" in worse.reason
     other = promote_if_better("jave", v3, metric="f1", value=0.99, eval_set="oa-mine/test")
     assert not other.promoted and "not comparable" in other.reason
-    assert champion("jave").version == v1
+    assert str(champion("jave").version) == str(v1)
     better = promote_if_better("jave", v4, metric="f1", value=0.85, eval_set="ae-110k/test")
-    assert better.promoted and better.previous_version == v1
-    assert champion("jave").version == v4
+    assert better.promoted and better.previous_version == str(v1)
+    assert str(champion("jave").version) == str(v4)
     assert MlflowClient().get_model_version("jave", v2).tags["eval_value"] == "0.79"
 
 

@@ -7,6 +7,7 @@ position of the one kept.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -230,7 +231,6 @@ _SLOW_TARGETS = frozenset({"extra", "labels", "source"})  # rare and free-form: 
 # needs no strip, and a text containing one is not blank.
 _VISIBLE = r"[\p{L}\p{N}\p{P}\p{S}]"
 _UNSTRIPPED = r"(?s)^[\p{L}\p{N}\p{P}\p{S}](.*[\p{L}\p{N}\p{P}\p{S}])?$"
-_NOT_PLANNED = object()
 
 
 @dataclass
@@ -242,6 +242,10 @@ class _Plan:
     get: itemgetter  # record -> (value per target..., value per extra key...)
     rows: list[int]
     values: list[tuple]
+
+
+def _keys(value: Any) -> tuple | None:
+    return tuple(value) if type(value) is dict else None
 
 
 def _plan(keys: tuple, mapping: Mapping[str, str]) -> _Plan | None:
@@ -267,26 +271,28 @@ def canonical_batch(
 ) -> tuple[pa.Table, list[int]]:
     """Vectorized ``to_canonical`` over parsed records -> (rows, indices of the records left to ``to_canonical``).
 
-    ``rows`` has the ``CANONICAL`` columns plus ``_i``, the record's index in ``values``, in input order. A record is
+    ``rows`` has the ``CANONICAL`` columns plus ``_i``, the record's index in ``values`` (grouped by the records' key
+    sequence, not in input order: reordering would copy every column). A record is
     mapped here only where the row is certainly the one ``to_canonical`` returns (string fields, a spec mapping, URI
     lists, all within limits); everything else, including every record it would reject, is left to it, so rejects
     keep its exact reasons and messages.
     """
     plans: dict[tuple, _Plan | None] = {}
     slow: list[int] = []
-    for i, v in enumerate(values):
-        if type(v) is not dict:
-            slow.append(i)
-            continue
-        keys = tuple(v)
-        plan = plans.get(keys, _NOT_PLANNED)
-        if plan is _NOT_PLANNED:
-            plan = plans[keys] = _plan(keys, mapping)
+    groups: dict[tuple, list[int]] = {}  # key sequence -> the records that have it
+    for i, keys in enumerate(map(_keys, values)):
+        if keys in groups:
+            groups[keys].append(i)
+        else:
+            groups[keys] = [i]
+    for keys, rows in groups.items():
+        plan = _plan(keys, mapping) if keys is not None else None
         if plan is None:
-            slow.append(i)
+            slow.extend(rows)
             continue
-        plan.rows.append(i)
-        plan.values.append(plan.get(v))
+        plans[keys] = plan
+        plan.rows = rows
+        plan.values = list(map(plan.get, map(values.__getitem__, rows)))
     tables = []
     for plan in plans.values():
         if plan is None:
@@ -298,8 +304,6 @@ def canonical_batch(
         tables.append(table)
         slow.extend(bad)
     table = pa.concat_tables(tables) if tables else _empty_fast_table()
-    if len(tables) > 1:
-        table = table.take(pc.sort_indices(table.column("_i")))
     slow.sort()
     return table, slow
 
@@ -386,8 +390,13 @@ def _flatten_lists(col: Sequence[Any], kind: type, ok: np.ndarray) -> tuple[list
 
 def _specs_column(col: Sequence[Any], limits: Limits, ok: np.ndarray) -> pa.Array:
     """Spec mappings as ``normalize_specs`` maps them (``{k: v}`` -> ``[{key: str(k), value: _scalar(v)}]``)."""
-    keys, counts = _flatten_lists(col, dict, ok)
-    values = [v for d in col if type(d) is dict for v in d.values()]
+    if _only(col, dict):  # the usual case: flattened at C speed
+        keys = list(itertools.chain.from_iterable(col))
+        values = list(itertools.chain.from_iterable(map(dict.values, col)))
+        counts = np.fromiter(map(len, col), dtype=np.int32, count=len(col))
+    else:
+        keys, counts = _flatten_lists(col, dict, ok)
+        values = [v for d in col if type(d) is dict for v in d.values()]
     if not _only(keys, str):
         keys = [str(k) for k in keys]
     if not _only(values, str):
