@@ -6,8 +6,8 @@
   fine-tuned on train, epoch and threshold chosen on valid. Test is read only for the final numbers.
   Ditto reports F1 89.33 on Abt-Buy (RoBERTa, with its optimisations; this is the plain MiniLM cross-encoder).
 
-Run: ``.venv/bin/python bench/dedupe_quality.py [--epochs 3] [--max-train N]``; writes bench/results/dedupe_quality.json.
-CPU only, 2 threads; timings on a shared machine are noisy.
+Run: ``.venv/bin/python bench/dedupe_quality.py [--epochs 3] [--max-train N]``; writes
+bench/results/dedupe_quality.json. CPU only, 2 threads; timings on a shared machine are noisy.
 """
 
 from __future__ import annotations

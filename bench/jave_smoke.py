@@ -9,6 +9,7 @@ fine-tuned PLM ~80 F1, GPT-4 ~86.
 
     python bench/jave_smoke.py                       # 15 epochs, ~ minutes on 2 CPU cores
     python bench/jave_smoke.py --epochs 3 --threads 2
+    python bench/jave_smoke.py --epochs 3 --resume   # after a kill: continue (or just evaluate) from last.pt
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--val-share", type=float, default=0.1)
     ap.add_argument("--checkpoint-dir", default=str(REPO / "data" / "bench" / "jave_smoke"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--resume", action="store_true", help="continue from --checkpoint-dir/last.pt (a finished run only evaluates)"
+    )
     args = ap.parse_args()
 
     import torch
@@ -106,7 +110,7 @@ def main() -> None:
         )
 
     t_train = time.perf_counter()
-    result = train(model, fit, val, spec, cfg, on_epoch=on_epoch, resume=False)
+    result = train(model, fit, val, spec, cfg, on_epoch=on_epoch, resume=args.resume)
     train_s = time.perf_counter() - t_train
     thresholds = choose_thresholds(model, val, spec)
     t_eval = time.perf_counter()

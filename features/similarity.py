@@ -449,7 +449,9 @@ def nmi_purity(cluster_ids: np.ndarray, categories: np.ndarray) -> tuple[float, 
     nmi = float(normalized_mutual_info_score(categories, cluster_ids))
     _, cat_codes = np.unique(categories, return_inverse=True)
     _, cl_codes = np.unique(cluster_ids, return_inverse=True)
-    table = np.zeros((cl_codes.max() + 1, cat_codes.max() + 1), dtype=np.int64)
-    np.add.at(table, (cl_codes, cat_codes), 1)
-    purity = float(table.max(1).sum() / len(cluster_ids))
+    # sparse contingency: counts of each (cluster, category) pair present, then the best category per cluster
+    cells, counts = np.unique(cl_codes * (cat_codes.max() + 1) + cat_codes, return_counts=True)
+    best = np.zeros(cl_codes.max() + 1, dtype=np.int64)
+    np.maximum.at(best, cells // (cat_codes.max() + 1), counts)
+    purity = float(best.sum() / len(cluster_ids))
     return nmi, purity
