@@ -159,7 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="100000,1000000", help="comma-separated N")
     parser.add_argument("--exact-queries-1m", type=int, default=5000, help="sampled exact queries when N > 200k")
-    parser.add_argument("--nprobe", type=int, default=8)
+    parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--one", nargs=4, metavar=("VARIANT", "N", "QUERIES", "WORKDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -200,6 +200,13 @@ def main() -> None:
     print("* extrapolated from the sampled queries. recall@10: IVF top-10 vs exact top-10 of the same queries.")
     print(f"total bench time {total:.0f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    # a partial run (--sizes) replaces its own rows and keeps the others of the last run
+    done = {(r["n"], r["variant"]) for r in rows}
+    if RESULTS.exists():
+        previous = json.loads(RESULTS.read_text()).get("rows", [])
+        rows = sorted(
+            [r for r in previous if (r["n"], r["variant"]) not in done] + rows, key=lambda r: (r["n"], r["variant"])
+        )
     RESULTS.write_text(
         json.dumps(
             {

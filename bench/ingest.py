@@ -7,8 +7,8 @@ the ingest flow calls per batch (``read_batches(parse=False)`` -> ``prepare_batc
 unchanged: nothing written), and 250k rows for both, to show which memory grows with the input.
 
 Media: ``warehouse.ingest.ingest_media`` (fetch, verify, EXIF-rotate, draft-mode downscale, store) over 200 JPEGs
-(the Myntra 2400x1800 images when ../shared/data/myntra-100 is there, else generated 1024x768), against opening,
-converting and saving them one by one with PIL.
+(the Myntra images, 1440x1080 to 2400x1800, when ../shared/data/myntra-100 is there, else generated 1024x768),
+against opening, converting and saving them one by one with PIL.
 
 Every variant runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own; ours also reports the peak of
 its worker processes. CPU seconds (user + sys, workers included) are reported too: on a shared machine they are the
@@ -446,7 +446,7 @@ def main() -> None:
             "rows": args.rows,
             "small_rows": args.small_rows,
             "images": args.images,
-            "image_source": "myntra-100 (2400x1800)" if MYNTRA.is_dir() else "generated 1024x768",
+            "image_source": "myntra-100 (1440x1080 to 2400x1800)" if MYNTRA.is_dir() else "generated 1024x768",
         },
         "summary": summary,
         "results": rows,

@@ -103,7 +103,7 @@ def ingest(
     ] = None,
     warehouse: WarehouseOpt = None,
     mapping: Annotated[str | None, typer.Option(help='Column mapping as JSON, e.g. \'{"sku": "product_id"}\'')] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 5_000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per batch (one Delta commit each).")] = 20_000,
     media: Annotated[bool, typer.Option(help="Fetch and decode images / video frames.")] = True,
     video_frames: Annotated[int, typer.Option(min=1, help="Frames sampled per video.")] = 4,
 ) -> None:

@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.utilities.annotations import quote
 
 from warehouse import ingest as core
 from warehouse.sources import Record, detect_format, read_batches
@@ -27,27 +29,17 @@ ProgressFn = Callable[[int], None]
 progress_hook: ProgressFn | None = None
 
 
-@task(name="validate-batch", cache_policy=NO_CACHE, persist_result=False)
-def validate_batch(
-    records: list[Record],
-    state: core.RunState,
-    *,
-    source: str,
-    mapping: dict,
-    run_id: str,
-    limits: Limits,
-    now: datetime,
-) -> tuple[list, list, list, list, list]:
-    rows, quarantine = core.validate_batch(
-        records, state, source=source, mapping=mapping, run_id=run_id, limits=limits, now=now
-    )
-    new, changed, unchanged = core.classify(rows, state)
-    return new, changed, unchanged, quarantine, rows
+@task(name="classify-batch", cache_policy=NO_CACHE, persist_result=False)
+def classify_batch(
+    prepared: core.Prepared, state: core.RunState, batch: Any, *, source: str, run_id: str, now: datetime
+) -> core.Classified:
+    # duplicates across batches (first wins) and new / changed / unchanged against the table at run start
+    return core.finish_batch(prepared, state, batch=batch, source=source, run_id=run_id, now=now)
 
 
 @task(name="ingest-media", cache_policy=NO_CACHE, persist_result=False)
 def ingest_media(
-    rows: list[dict], *, wh: Warehouse, run_id: str, source: str, cfg: Any, base_dir: str | None
+    rows: pa.Table, *, wh: Warehouse, run_id: str, source: str, cfg: Any, base_dir: str | None
 ) -> tuple[list, list]:
     # per-URI retries with backoff live in warehouse.media; a task-level retry would refetch the whole batch
     return core.ingest_media(rows, wh=wh, run_id=run_id, source=source, cfg=cfg, base_dir=base_dir)
@@ -55,7 +47,7 @@ def ingest_media(
 
 @task(name="write-batch", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE, persist_result=False)
 def write_batch(
-    wh: Warehouse, *, new: list, changed: list, media: list, quarantine: list, run_id: str, now: datetime
+    wh: Warehouse, *, new: pa.Table, changed: pa.Table, media: list, quarantine: list, run_id: str, now: datetime
 ) -> None:
     core.write_batch(wh, new=new, changed=changed, media=media, quarantine=quarantine, run_id=run_id, now=now)
 
@@ -76,6 +68,7 @@ def run_batches(
     limits: Limits = Limits(),
     media_cfg: Any = None,
     base_dir: str | None = None,
+    workers: int = 2,
 ) -> dict[str, Any]:
     """The ingest loop shared by both flows: validate -> classify -> media -> write, batch by batch."""
     logger = get_run_logger()
@@ -83,26 +76,33 @@ def run_batches(
     started = time.perf_counter()
     state = core.RunState.load(wh)
     total = core.BatchResult()
-    for i, records in enumerate(batches):
+    # Parsing, mapping, validation and hashing run ahead in `workers` processes (pure, Arrow out); the flow
+    # process only classifies against the run state and writes. Task inputs are wrapped in `quote` so Prefect does
+    # not walk tens of thousands of rows looking for futures (that walk cost 30x the work itself).
+    prepared_batches = core.prepare_batches(
+        batches, source=source, mapping=mapping, run_id=run_id, limits=limits, workers=workers
+    )
+    for i, (batch, prepared) in enumerate(prepared_batches):
         now = datetime.now(UTC)
-        new, changed, unchanged, quarantine, _ = validate_batch(
-            records, state, source=source, mapping=mapping, run_id=run_id, limits=limits, now=now
-        )
+        done = classify_batch(quote(prepared), quote(state), quote(batch), source=source, run_id=run_id, now=now)
+        quarantine = done.quarantine
         media_rows: list[dict] = []
+        media_q: list[dict] = []
         if media_cfg is not None:
-            media_rows, media_q = ingest_media(
-                new + changed, wh=wh, run_id=run_id, source=source, cfg=media_cfg, base_dir=base_dir
-            )
+            changed_or_new = pa.concat_tables([done.new, done.changed]) if done.changed.num_rows else done.new
+            media_rows, media_q = ingest_media(quote(changed_or_new), wh=wh, run_id=run_id, source=source,
+                                               cfg=media_cfg, base_dir=base_dir)  # fmt: skip
             quarantine = quarantine + media_q
-        write_batch(wh, new=new, changed=changed, media=media_rows, quarantine=quarantine, run_id=run_id, now=now)
-        result = core.BatchResult(read=len(records), new=len(new), changed=len(changed), unchanged=len(unchanged))
-        result.quarantined.update(q["reason"] for q in quarantine)
+        write_batch(wh, new=quote(done.new), changed=quote(done.changed), media=quote(media_rows),
+                    quarantine=quote(quarantine), run_id=run_id, now=now)  # fmt: skip
+        result = done.result()
+        result.quarantined.update(q["reason"] for q in media_q)
         result.media_ok = sum(m["status"] == "ok" for m in media_rows)
         result.media_bad = sum(m["status"] != "ok" for m in media_rows)
         total.add(result)
         logger.info("batch %d: %s", i, result.as_dict())
         if progress_hook is not None:
-            progress_hook(len(records))
+            progress_hook(prepared.read)
     summary = total.as_dict()
     summary.update(
         run_id=run_id,
@@ -157,7 +157,7 @@ def ingest(
     fmt: str | None = None,
     source: str | None = None,
     warehouse_root: str | None = None,
-    batch_size: int = 5_000,
+    batch_size: int = 20_000,
     mapping: dict[str, str] | None = None,
     media: bool = True,
     video_frames: int = 4,
@@ -184,7 +184,7 @@ def ingest(
     read_options = fsspec_options(wh.storage_options) if path.startswith("s3://") else None
     media_cfg = MediaConfig(video_frames=video_frames, timeout_s=media_timeout_s, retries=media_retries)
     return run_batches(
-        read_batches(path, fmt, batch_size, storage_options=read_options),
+        read_batches(path, fmt, batch_size, storage_options=read_options, parse=False),
         wh=wh,
         source=source or path,
         mapping=resolve_mapping(None, mapping),
