@@ -10,8 +10,9 @@ Variants, each in its own subprocess (own peak RSS, ``ru_maxrss``), faiss and BL
 
 - ``exact``: ``IndexFlatIP``; at 100k the full self-join; at 1M only ``--exact-queries`` sampled queries (the full
   exact join is 10^12 dot products of 256-d, hours on 2 cores), the time of the full join extrapolated linearly.
-- ``ivf``: ``build_index(kind="ivf")`` + ``knn_graph`` (features/similarity.py: one BLAS product per inverted list),
-  recall@10 against the exact neighbours of the same queries, then threshold + ``cluster`` (NMI vs the true groups).
+- ``ivf``: ``build_index(kind="ivf")`` (nlist = 4·√N, 4000 at 1M; ``--nprobe`` 16) + ``knn_graph``
+  (features/similarity.py: one BLAS product per inverted list), recall@10 against the exact neighbours of the same
+  queries, then threshold + ``cluster`` (NMI vs the true groups). "dedupe" = build + top-10 join + cluster.
 
 Run: ``.venv/bin/python bench/dedupe.py`` (``make bench``); writes bench/results/dedupe.json. Timings on a shared
 machine are noisy: other processes compete for the same 2 cores.

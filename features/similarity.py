@@ -65,7 +65,7 @@ def build_index(
         exact_max: with ``kind="auto"``, exact search up to this many rows, IVF beyond.
         kind: "exact" (IndexFlatIP), "ivf" (IndexIVFFlat), "hnsw" (IndexHNSWFlat) or "auto".
         nlist: IVF lists; default ≈ 4·√N.
-        nprobe: IVF lists visited per query; default max(8, nlist // 32).
+        nprobe: IVF lists visited per query; default 16 (recall@10 ≥ 0.99 at 100k and 1M in bench/dedupe.py).
         m: HNSW links per node.
         ef_search: HNSW search beam.
         ef_construction: HNSW build beam.
@@ -90,7 +90,7 @@ def build_index(
         sample = min(n, train_size or 16 * nlist)
         rows = np.random.default_rng(seed).choice(n, sample, replace=False) if sample < n else slice(None)
         index.train(x[rows])
-        index.nprobe = nprobe or max(8, nlist // 32)
+        index.nprobe = nprobe or 16
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
@@ -168,8 +168,9 @@ def _ivf_self_search(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np
 
     The queries are the indexed vectors, so each one's cell is already known: the members of list l are searched
     together against the lists of the ``nprobe`` centroids nearest to centroid l, as one (|l|, |probe|) product.
-    That skips the per-query coarse search and replaces faiss's per-vector scan by BLAS (≈3x faster at 1M on 2
-    cores); probing the cell's neighbours rather than the query's own is the approximation, measured by recall.
+    That skips the per-query coarse search and replaces faiss's per-vector scan by BLAS (≈3x faster than
+    ``index.search`` at 1M, nprobe 16, 2 busy cores); probing the cell's neighbours rather than the query's own
+    nearest cells is the approximation, measured by recall against exact search.
     """
     import faiss
 

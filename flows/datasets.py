@@ -51,9 +51,12 @@ def _split_of(row: dict[str, Any]) -> tuple[str | None, bool]:
     return extra.get("split"), bool(extra.get("evaluation"))
 
 
+def _hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
 def _in_validation(product_id: str, fraction: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(product_id.encode(), digest_size=8).digest(), "big")
-    return (h % 10_000) < fraction * 10_000
+    return (_hash(product_id) % 10_000) < fraction * 10_000
 
 
 def load_labelled(
@@ -62,6 +65,7 @@ def load_labelled(
     *,
     val_fraction: float = 0.1,
     max_train: int | None = None,
+    max_validation: int | None = None,
     version: int | None = None,
 ) -> LabelledData:
     """Rows of ``dataset`` from ``products``, split into train / validation / test."""
@@ -93,6 +97,14 @@ def load_labelled(
         held = {r["product_id"] for r in test}
         train = [r for r in train if r["product_id"] not in held]
         val = [r for r in val if r["product_id"] not in held]
-    if max_train is not None:
-        train = train[:max_train]
+    train = _subsample(train, max_train)
+    val = _subsample(val, max_validation)
     return LabelledData(dataset, train, val, test, version)
+
+
+def _subsample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """A seeded, order-free subsample (ids sort by domain/category, so a prefix would be one domain only)."""
+    if n is None or len(rows) <= n:
+        return rows
+    keep = set(sorted((r["product_id"] for r in rows), key=lambda pid: _hash("sample:" + pid))[:n])
+    return [r for r in rows if r["product_id"] in keep]

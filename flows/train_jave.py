@@ -55,6 +55,7 @@ class JaveRunConfig:
     use_kl: bool = True
     kl_weight: float = 0.5
     max_train: int | None = None
+    max_validation: int | None = None
     val_fraction: float = 0.1
 
 
@@ -163,7 +164,9 @@ def train_one(
 
     logger = get_run_logger()
     started = time.perf_counter()
-    data = data or load_labelled(wh, run.dataset, val_fraction=run.val_fraction, max_train=run.max_train)
+    data = data or load_labelled(
+        wh, run.dataset, val_fraction=run.val_fraction, max_train=run.max_train, max_validation=run.max_validation
+    )
     tokenizer = load_tokenizer()
     spec = TaskSpec.from_rows(data.train, max_length=run.max_length)
     examples = {name: build_examples(rows, spec, tokenizer) for name, rows in
@@ -286,7 +289,9 @@ def train_jave(
     use_regional_gate: bool = True,
     use_kl: bool = True,
     max_train: int | None = None,
+    max_validation: int | None = None,
     max_steps: int | None = None,
+    kl_weight: float = 0.5,
     experiment: str = EXPERIMENT,
     register_model: bool = True,
     warehouse_root: str | None = None,
@@ -297,7 +302,7 @@ def train_jave(
     _ensure_imported(wh, dataset, data_path)
     run = JaveRunConfig(dataset=dataset, preset=preset, max_length=max_length, use_image=use_image,
                         use_global_gate=use_global_gate, use_regional_gate=use_regional_gate, use_kl=use_kl,
-                        max_train=max_train)  # fmt: skip
+                        kl_weight=kl_weight, max_train=max_train, max_validation=max_validation)  # fmt: skip
     cfg = _train_cfg(epochs=epochs, batch_size=batch_size, lr=lr, tower_lr=tower_lr, patience=patience, seed=seed,
                      max_steps=max_steps, num_threads=os.cpu_count())  # fmt: skip
     summary = train_one(
@@ -317,6 +322,7 @@ def compare_jave(
     max_length: int = 64,
     seed: int = 0,
     max_train: int | None = None,
+    max_validation: int | None = None,
     max_steps: int | None = None,
     variants: list[str] | None = None,
     experiment: str | None = None,
@@ -331,12 +337,12 @@ def compare_jave(
     unknown = set(names) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {list(VARIANTS)}")
-    data = load_labelled(wh, dataset, max_train=max_train)
+    data = load_labelled(wh, dataset, max_train=max_train, max_validation=max_validation)
     cfg = _train_cfg(epochs=epochs, batch_size=batch_size, seed=seed, max_steps=max_steps, num_threads=os.cpu_count())
     summaries = []
     for name in names:
         run = JaveRunConfig(dataset=dataset, preset=preset, max_length=max_length, max_train=max_train,
-                            **VARIANTS[name])  # fmt: skip
+                            max_validation=max_validation, **VARIANTS[name])  # fmt: skip
         summaries.append(train_one(run, cfg, wh=wh, experiment=experiment, register=False, variant=name,
                                    checkpoint_root=checkpoint_root, data=data))  # fmt: skip
     md = _summary_md(summaries)
