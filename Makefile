@@ -11,7 +11,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint bench bench-ingest clean
+.PHONY: venv demo test lint bench bench-ingest bench-dedupe bench-quality clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
@@ -31,8 +31,16 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+bench: bench-ingest bench-dedupe bench-quality
+
+bench-ingest: $(STAMP)
 	$(PY) bench/ingest.py
+
+bench-dedupe: $(STAMP)
+	$(PY) bench/dedupe.py
+
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf data/warehouse data/demo mlruns/mlflow.db mlruns/artifacts .prefect
