@@ -224,6 +224,28 @@ def train_jave_cmd(
                                                 "epochs_run", "seconds")})  # fmt: skip
 
 
+@train_app.command("encoder")
+@_friendly
+def train_encoder_cmd(
+    source: Annotated[str | None, typer.Option(help="Only products from this source (default: all).")] = None,
+    preset: Annotated[str, typer.Option(help="default (pretrained text tower) | tiny (tests)")] = "default",
+    epochs: int = 5,
+    batch_size: int = 32,
+    max_train: int | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    register: bool = True,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Self-supervised M5Product-style encoder on the catalog; registered as `product-encoder`."""
+    _env_defaults()
+    from flows.train_encoder import train_encoder
+
+    s = train_encoder(source=source, preset=preset, epochs=epochs, batch_size=batch_size, max_train=max_train,
+                      max_steps=max_steps, seed=seed, register_model=register, warehouse_root=warehouse)  # fmt: skip
+    console.print_json(data=s, default=str)
+
+
 @app.command()
 @_friendly
 def compare(
@@ -282,6 +304,41 @@ def predict(
     summary = enrich(warehouse_root=warehouse, model_version=model_version, source=source,
                      only_changed=not all_products, batch_size=batch_size)  # fmt: skip
     console.print_json(data=summary)
+
+
+@app.command("dedupe")
+@_friendly
+def dedupe_cmd(
+    warehouse: WarehouseOpt = None,
+    source: Annotated[str | None, typer.Option(help="Only products from this source.")] = None,
+    method: Annotated[
+        str, typer.Option(help="encoder (product-encoder@champion) | text (pretrained MiniLM)")
+    ] = "encoder",
+    k: Annotated[int, typer.Option(help="Neighbours per product.")] = 10,
+    threshold: Annotated[float, typer.Option(help="Cosine cut when no labelled validation pairs exist.")] = 0.9,
+    max_cluster_size: int = 50,
+    full: Annotated[bool, typer.Option("--full", help="Recompute everything instead of incrementally.")] = False,
+) -> None:
+    """Embed products, find duplicate pairs (faiss top-k + threshold) and cluster them."""
+    _env_defaults()
+    from flows.dedupe import dedupe
+
+    summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
+                     max_cluster_size=max_cluster_size, full=full)  # fmt: skip
+    console.print_json(data=summary)
+
+
+@app.command()
+@_friendly
+def similar(
+    product_id: Annotated[str, typer.Argument(help="The product to find neighbours of.")],
+    k: int = 10,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """The k most similar products (by the stored embeddings) with scores and titles."""
+    from flows.dedupe import similar as find
+
+    print_arrow(find(product_id, k=k, warehouse_root=warehouse), title=f"similar to {product_id}")
 
 
 @app.command()

@@ -154,6 +154,50 @@ PREDICTED_PRODUCTS = pa.schema(
     ]
 )
 
+# Product embeddings (dedupe flow). The vector is a variable-length list so one table serves any model width; every
+# row of one model version has that model's width.
+EMBEDDINGS = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32()), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("mlflow_run_id", pa.string()),
+        pa.field("embedded_at", TS, nullable=False),
+    ]
+)
+# The directed top-k neighbour lists, kept so an incremental run re-queries only what changed.
+KNN_GRAPH = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("neighbors", pa.list_(pa.string()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+DUPLICATES = pa.schema(
+    [
+        pa.field("a", pa.string(), nullable=False),  # a < b
+        pa.field("b", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # e.g. cosine
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("detected_at", TS, nullable=False),
+    ]
+)
+CLUSTERS = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("cluster_id", pa.string(), nullable=False),  # the smallest product_id in the cluster: stable
+        pa.field("cluster_size", pa.int32(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "products": PRODUCTS,
     "media": MEDIA,
@@ -162,6 +206,10 @@ TABLES: dict[str, pa.Schema] = {
     "attribute_predictions": ATTRIBUTE_PREDICTIONS,
     "review_queue": ATTRIBUTE_PREDICTIONS,  # same shape: predictions scored below their attribute's threshold
     "predicted_products": PREDICTED_PRODUCTS,
+    "embeddings": EMBEDDINGS,
+    "knn_graph": KNN_GRAPH,
+    "duplicates": DUPLICATES,
+    "clusters": CLUSTERS,
 }
 
 

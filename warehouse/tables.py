@@ -24,6 +24,10 @@ KEYS: dict[str, tuple[str, ...]] = {
     "attribute_predictions": schema.PREDICTION_KEY,
     "review_queue": schema.PREDICTION_KEY,
     "predicted_products": ("product_id",),
+    "embeddings": ("product_id",),
+    "knn_graph": ("product_id",),
+    "duplicates": ("a", "b"),
+    "clusters": ("product_id",),
 }
 
 
@@ -140,6 +144,15 @@ class Warehouse:
             predicate=f"{column} IN ({quoted})",
             storage_options=self.storage_options,
         )
+
+    def overwrite(self, table: str, data: pa.Table) -> None:
+        """Replace the whole table in one commit (for derived tables recomputed as a whole: duplicates, clusters)."""
+        target_schema = schema.TABLES[table]
+        self.ensure(table)
+        write_deltalake(
+            self.uri(table), data.select(target_schema.names).cast(target_schema), mode="overwrite",
+            storage_options=self.storage_options,
+        )  # fmt: skip
 
     # -- query --------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""Prefect flow ``train-encoder``: the SCALE-style product encoder (M5Product, Dong et al., CVPR 2022) pretrained on
+warehouse products, tracked in MLflow.
+
+One MLflow run per training: the full config as params; per epoch every ``encoder_loss`` term (``train_<term>``),
+the learned modality-pair weights (``w_text-table`` …) and the held-out cross-modal retrieval metrics
+(``val_recall_at_k``, ``val_map_at_10``) with step = epoch; the model as a pyfunc with a signature (product rows in,
+``product_id`` + L2-normalised ``vector`` out), registered as ``product-encoder``. ``@champion`` moves only when the
+new version's ``val_recall_at_10`` beats the champion's on the same validation set. ``load_encoder`` hands the
+champion (or a given version) to the dedupe flow.
+
+Visual features are not read here (text and spec table only): the warehouse keeps no cached region/frame features
+yet; ``features.encoder_train.train_encoder`` takes them when it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import mlflow.pyfunc
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows import reports, tracking
+from flows.datasets import _in_validation, _subsample
+from warehouse.tables import Warehouse
+
+if TYPE_CHECKING:
+    from features.encoder import ProductEncoder
+
+MODEL_NAME = "product-encoder"
+EXPERIMENT = "product-encoder"
+SELECT_METRIC = "val_recall_at_10"
+COLUMNS = ["product_id", "title", "description", "specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderRunConfig:
+    """What one `enrich train encoder` run is: which products, the architecture preset, and the holdout."""
+
+    source: str | None = None  # None = every product in the warehouse
+    preset: str = "default"  # default (offline pretrained text tower) | tiny (tests)
+    max_train: int | None = None
+    val_fraction: float = 0.1
+
+
+@dataclasses.dataclass
+class CatalogSplit:
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    products_version: int  # the warehouse version these rows were read at (lineage)
+
+
+def _arch(preset: str):
+    from features import encoder
+
+    if preset not in ("default", "tiny"):
+        raise ValueError(f"unknown preset {preset!r}; use 'default' or 'tiny'")
+    return encoder.tiny() if preset == "tiny" else encoder.default()
+
+
+@task(cache_policy=NO_CACHE)  # the rows are read fresh: the warehouse moves on
+def load_catalog(wh: Warehouse, run: EncoderRunConfig) -> CatalogSplit:
+    """Products (all, or ``run.source``'s) split by a seeded hash of product_id, as ``flows.datasets`` does."""
+    version = wh.version("products")
+    table = wh.read("products", version=version, columns=[*COLUMNS, "source"])
+    if run.source is not None:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table["source"], run.source))
+    rows = sorted(table.select(COLUMNS).to_pylist(), key=lambda r: r["product_id"])
+    if len(rows) < 4:
+        where = f"from {run.source!r} " if run.source else ""
+        raise LookupError(
+            f"{len(rows)} products {where}in {wh.root}; the encoder needs a catalog to train on: "
+            f"ingest one first (`enrich ingest <catalog>` or `enrich import <dataset> <folder>`)"
+        )
+    train, val = [], []
+    for r in rows:
+        (val if _in_validation(r["product_id"], run.val_fraction) else train).append(r)
+    return CatalogSplit(_subsample(train, run.max_train), val, version)
+
+
+def _eval_set_id(source: str | None, rows: list[dict[str, Any]]) -> str:
+    ids = hashlib.blake2b("\n".join(sorted(r["product_id"] for r in rows)).encode(), digest_size=6).hexdigest()
+    return f"{source or 'all'}/validation#{ids}"
+
+
+def _run_key(run: EncoderRunConfig, train_cfg: Any, data: CatalogSplit) -> str:
+    blob = json.dumps(
+        [dataclasses.asdict(run), dataclasses.asdict(train_cfg) | {"checkpoint_dir": None, "num_threads": None},
+         data.products_version, len(data.train), len(data.validation)],
+        sort_keys=True, default=str,
+    )  # fmt: skip
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------- pyfunc
+
+
+def rows_from_frame(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Pyfunc input (product_id, title, optional description, specs as a list of {key, value} or its JSON) -> rows."""
+    missing = {"product_id", "title"} - set(df.columns)
+    if missing:
+        raise ValueError(f"product-encoder input is missing column(s) {sorted(missing)}; give product_id and title")
+    rows = []
+    for r in df.to_dict("records"):
+        specs = r.get("specs")
+        if isinstance(specs, str):
+            specs = json.loads(specs) if specs.strip() else []
+        elif specs is None or (isinstance(specs, float) and pd.isna(specs)):
+            specs = []
+        description = r.get("description")
+        rows.append(
+            {
+                "product_id": str(r["product_id"]),
+                "title": r["title"] if isinstance(r["title"], str) else "",
+                "description": description if isinstance(description, str) else "",
+                "specs": [dict(s) for s in specs],
+            }
+        )
+    return rows
+
+
+class EncoderPyfunc(mlflow.pyfunc.PythonModel):
+    """``mlflow.pyfunc.load_model("models:/product-encoder@champion").predict(df)`` -> product_id, vector."""
+
+    def load_context(self, context) -> None:
+        from features.encoder_train import load_encoder_checkpoint
+
+        self.model = load_encoder_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from features.encoder import encode_products
+
+        rows = rows_from_frame(model_input)
+        vectors = encode_products(self.model, rows)
+        return pd.DataFrame({"product_id": [r["product_id"] for r in rows], "vector": [v.tolist() for v in vectors]})
+
+
+def _log_model(ckpt: Path, model, data: CatalogSplit, source: str | None, value: float, register: bool):
+    from mlflow.models import infer_signature
+
+    from features.encoder import encode_products
+
+    sample = pd.DataFrame(
+        [{"product_id": r["product_id"], "title": r["title"], "description": r.get("description") or "",
+          "specs": json.dumps(r.get("specs") or [])} for r in (data.validation or data.train)[:3]]
+    )  # fmt: skip
+    vectors = encode_products(model, rows_from_frame(sample))
+    output = pd.DataFrame({"product_id": sample["product_id"], "vector": [v.tolist() for v in vectors]})
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=EncoderPyfunc(),
+        artifacts={"checkpoint": str(ckpt)},
+        signature=infer_signature(sample, output),
+        input_example=sample,
+        registered_model_name=MODEL_NAME if register else None,
+        pip_requirements=["torch==2.14.1", "transformers", "safetensors", "pandas"],
+    )
+    if not register:
+        return None, None
+    version = str(info.registered_model_version)
+    p = tracking.promote_if_better(
+        MODEL_NAME, version, metric=SELECT_METRIC, value=value, eval_set=_eval_set_id(source, data.validation)
+    )
+    mlflow.set_tag("champion_decision", p.reason)
+    return version, p.reason
+
+
+# --------------------------------------------------------------------------------------------------------- flow
+
+
+def train_one(
+    run: EncoderRunConfig,
+    train_cfg: Any,
+    *,
+    wh: Warehouse,
+    experiment: str = EXPERIMENT,
+    register: bool = True,
+    checkpoint_root: str = "data/checkpoints",
+) -> dict[str, Any]:
+    """Train, evaluate, log and (optionally) register one product encoder; returns the run's summary."""
+    from features.encoder import ProductEncoder
+    from features.encoder_train import train_encoder as fit
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    data = load_catalog(wh, run)
+    arch = _arch(run.preset)
+    key = _run_key(run, train_cfg, data)
+    slug = "all" if run.source is None else hashlib.blake2b(run.source.encode(), digest_size=4).hexdigest()
+    ckpt = Path(checkpoint_root) / f"encoder-{slug}-{key}"
+    train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(ckpt))
+    model = ProductEncoder(arch)
+
+    tracking.setup(experiment)
+    with mlflow.start_run(run_name=f"encoder:{run.source or 'all'}") as active:
+        mlflow.log_params(tracking.flat_params(dataclasses.asdict(run), "run."))
+        mlflow.log_params(tracking.flat_params(dataclasses.asdict(train_cfg) | {"checkpoint_dir": "<local>"},
+                                               "train."))  # fmt: skip
+        mlflow.log_params(tracking.flat_params(dataclasses.asdict(arch), "model."))
+        mlflow.log_params({"data.products_version": data.products_version, "data.train": len(data.train),
+                           "data.validation": len(data.validation)})  # fmt: skip
+        mlflow.set_tags({"source": run.source or "all", "warehouse": wh.root, "kind": "product-encoder"})
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            clean = {k.replace("/", "_"): float(v) for k, v in metrics.items()}
+            mlflow.log_metrics(clean, step=epoch)
+            logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in clean.items() if "-" not in k[4:]})
+
+        result = fit(model, data.train, data.validation, train_cfg, on_epoch=on_epoch)
+        best = result.best_metrics
+        mlflow.log_metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
+                            "train_seconds": time.perf_counter() - started})  # fmt: skip
+        value = float(best.get(SELECT_METRIC, 0.0))
+        version, promotion = _log_model(ckpt, model, data, run.source, value, register)
+        summary = {
+            "run_id": active.info.run_id, "source": run.source, "checkpoint": str(ckpt),
+            "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+            "validation": {k: v for k, v in best.items() if k.startswith("val_")}, "model_version": version,
+            "promotion": promotion, "seconds": round(time.perf_counter() - started, 1),
+        }  # fmt: skip
+    logger.info("product encoder on %s: %s=%.4f (%s)", run.source or "all", SELECT_METRIC, value, promotion)
+    return summary
+
+
+@flow(name="train-encoder")
+def train_encoder(
+    source: str | None = None,
+    preset: str = "default",
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    tower_lr: float = 5e-5,
+    patience: int = 3,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_steps: int | None = None,
+    warehouse_root: str | None = None,
+    experiment: str = EXPERIMENT,
+    register_model: bool = True,
+    checkpoint_root: str = "data/checkpoints",
+) -> dict[str, Any]:
+    """Pretrain the product encoder on the warehouse's products (all, or those of dataset ``source``)."""
+    from features.encoder_train import EncoderTrainConfig
+
+    wh = Warehouse(warehouse_root)
+    run = EncoderRunConfig(source=source, preset=preset, max_train=max_train)
+    cfg = EncoderTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, tower_lr=tower_lr, patience=patience,
+                             seed=seed, max_steps=max_steps, num_threads=os.cpu_count())  # fmt: skip
+    summary = train_one(run, cfg, wh=wh, experiment=experiment, register=register_model,
+                        checkpoint_root=checkpoint_root)  # fmt: skip
+    row = {"source": source or "all", **summary["validation"], "epochs": summary["epochs_run"],
+           "version": summary["model_version"], "run_id": summary["run_id"]}  # fmt: skip
+    md = "# Product encoder (validation)\n\n" + reports.markdown_table([row]) + f"\n\n{summary['promotion']}\n"
+    create_markdown_artifact(key="train-encoder", markdown=md, description=f"product encoder on {source or 'all'}")
+    return summary
+
+
+def load_encoder(version: str | None = None) -> tuple[ProductEncoder, str, str]:
+    """``product-encoder@champion`` (or ``version``) -> (ProductEncoder in eval mode, model version, MLflow run id).
+
+    Raises:
+        LookupError: no @champion yet, or no such version (train one with `enrich train encoder`).
+    """
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+    if version is None:
+        mv = tracking.champion(MODEL_NAME, client)
+    else:
+        try:
+            mv = client.get_model_version(MODEL_NAME, str(version))
+        except MlflowException:
+            raise LookupError(
+                f"registered model {MODEL_NAME!r} has no version {version!r} in {mlflow.get_tracking_uri()}; "
+                f"pick one from the registry or train one with `enrich train encoder`"
+            ) from None
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{mv.version}")
+    model = pyfunc.unwrap_python_model().model
+    return model.eval(), str(mv.version), str(mv.run_id)

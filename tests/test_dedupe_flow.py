@@ -1,0 +1,58 @@
+"""The dedupe flow on a generated catalog: known near-duplicates are found and clustered; an incremental run equals
+a full recompute; `enrich similar` ranks the duplicate first."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+
+def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
+    from flows.cli import app
+    from flows.dedupe import dedupe
+    from flows.ingest import ingest
+    from warehouse.sample_catalog import FIELD_MAP, generate
+    from warehouse.tables import Warehouse
+
+    cat = generate(tmp_path / "demo", n_products=200, seed=3, n_videos=1)
+    wh_root = str(tmp_path / "wh")
+    ingest(str(cat.catalog_path), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    wh = Warehouse(wh_root)
+    truth = [tuple(sorted((r["sku_a"], r["sku_b"]))) for r in csv.DictReader(cat.duplicates_truth_path.open())]
+    assert truth
+
+    s = dedupe(warehouse_root=wh_root, method="text", threshold=0.9)
+    graph = {r["product_id"]: set(r["neighbors"]) for r in wh.read("knn_graph").to_pylist()}
+    assert all(b in graph[a] or a in graph[b] for a, b in truth), "blocking: every planted pair is a candidate"
+    found = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    hits = [t for t in truth if t in found]
+    assert len(hits) >= 0.75 * len(truth), f"only {len(hits)} of {len(truth)} planted pairs over the threshold"
+    clusters = {r["product_id"]: r["cluster_id"] for r in wh.read("clusters").to_pylist()}
+    assert all(clusters[a] == clusters[b] for a, b in hits)
+    assert s["largest_cluster"] <= 50 and s["graph"] == "full"
+
+    # change two products, add one: the incremental run re-embeds only those and ends where a full run ends
+    rows = [json.loads(line) for line in cat.catalog_path.read_bytes().splitlines()[:5] if line.startswith(b"{")]
+    rows = [r for r in rows if isinstance(r.get("sku"), str) and isinstance(r.get("name"), str)][:2]
+    rows[0]["name"] += " (2026 edition)"
+    rows[1]["description"] = "Completely rewritten description."
+    rows.append(dict(rows[1], sku="NEW-1", name=rows[1]["name"].upper()))
+    delta = tmp_path / "delta.jsonl"
+    delta.write_text("\n".join(json.dumps(r) for r in rows))
+    ingest(str(delta), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    inc = dedupe(warehouse_root=wh_root, method="text", threshold=0.9)
+    assert inc["embedded"] == 3 and inc["graph"].startswith("incremental")
+    inc_pairs = {(r["a"], r["b"]): r["score"] for r in wh.read("duplicates").to_pylist()}
+    inc_clusters = {r["product_id"]: r["cluster_id"] for r in wh.read("clusters").to_pylist()}
+    full = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, full=True)
+    full_pairs = {(r["a"], r["b"]): r["score"] for r in wh.read("duplicates").to_pylist()}
+    assert set(inc_pairs) == set(full_pairs) and full["embedded"] == full["products"]
+    assert inc_clusters == {r["product_id"]: r["cluster_id"] for r in wh.read("clusters").to_pylist()}
+    assert (rows[1]["sku"], "NEW-1") in full_pairs or ("NEW-1", rows[1]["sku"]) in full_pairs
+
+    a, b = hits[0]
+    out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])
+    assert out.exit_code == 0, out.output
+    assert b in out.output
