@@ -28,6 +28,18 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """Tiny models on a 2-core box: intra-op threading costs far more than it saves (flows that train set their
+    own thread count for the duration of training)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One ephemeral Prefect API for the whole session (cold start ~20 s, so never per test)."""

@@ -22,14 +22,6 @@ COLOURS = ["red", "blue", "green", "black", "white", "pink", "grey", "gold"]
 KINDS = ["shirt", "shoe", "watch", "laptop"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def catalog(n: int = 16, seed: int = 0):
     """Rows + cached visual features where every modality says the same thing (kind, colour) about a product."""
     g = torch.Generator().manual_seed(seed)

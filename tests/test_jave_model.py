@@ -25,15 +25,6 @@ def build(seed: int = 0, **overrides) -> JaveModel:
     return JaveModel(JaveConfig.tiny(num_attributes=A, implicit_value_sizes=IMPLICIT, **overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: intra-op threading costs 20x more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model() -> JaveModel:
     return build().eval()

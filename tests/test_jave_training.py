@@ -36,15 +36,6 @@ STYLES = {"office": "formal", "gym": "sport", "beach": "casual"}  # implicit: th
 FILLERS = ["shirt", "dress", "jacket", "bag", "hat", "nice", "new", "classic", "soft", "great"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: intra-op threading costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()

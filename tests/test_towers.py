@@ -29,15 +29,6 @@ TOPS = {610: "jersey", 841: "sweatshirt"}
 SHOES = {770: "running shoe", 502: "clog", 514: "cowboy boot", 630: "Loafer", 774: "sandal"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small CPU work on a shared 2-core box runs faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def classifier() -> ImageTower:
     """The full 1000-class tf_efficientnet_lite0 with the package's ImageNet weights (classifier included)."""

@@ -163,6 +163,17 @@ _DUPLICATE = (
 )
 
 
+def reject_row(
+    rec: Record, reason: Reason, message: str, *, source: str, run_id: str, now: datetime, product_id: str | None = None
+) -> dict[str, Any]:
+    """The quarantine row for a rejected record (its raw text when it has one, else the parsed value)."""
+    payload = rec.raw if rec.raw is not None else rec.value
+    return quarantine_row(
+        source=source, position=rec.position, payload=payload, reason=reason, message=message, run_id=run_id,
+        product_id=product_id, at=now,
+    )  # fmt: skip
+
+
 def validate_batch(
     records: Iterable[Record],
     state: RunState,
@@ -180,18 +191,8 @@ def validate_batch(
     batch_first: dict[str, str] = {}
 
     def reject(rec: Record, reason: Reason, message: str, product_id: str | None = None) -> None:
-        payload = rec.raw if rec.raw is not None else rec.value
         quarantine.append(
-            quarantine_row(
-                source=source,
-                position=rec.position,
-                payload=payload,
-                reason=reason,
-                message=message,
-                run_id=run_id,
-                product_id=product_id,
-                at=now,
-            )
+            reject_row(rec, reason, message, source=source, run_id=run_id, now=now, product_id=product_id)
         )
 
     for rec in records:
@@ -327,18 +328,8 @@ def _prepare_part(
     read = 0
 
     def reject(rec: Record, reason: Reason, message: str, product_id: str | None = None) -> None:
-        payload = rec.raw if rec.raw is not None else rec.value
         quarantine.append(
-            quarantine_row(
-                source=source,
-                position=rec.position,
-                payload=payload,
-                reason=reason,
-                message=message,
-                run_id=run_id,
-                product_id=product_id,
-                at=now,
-            )
+            reject_row(rec, reason, message, source=source, run_id=run_id, now=now, product_id=product_id)
         )
 
     def record(i: int, value: Any) -> Record:
