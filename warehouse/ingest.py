@@ -2,13 +2,17 @@
 
 The Prefect flow (``flows/ingest.py``) only orchestrates these functions. Per batch:
 
-1. ``validate_batch``: parse errors and invalid rows -> quarantine rows; duplicates of an id already seen in this
-   input -> quarantine (first occurrence wins); valid rows get their ``content_hash``.
-2. ``classify``: against the products table as it was when the run started: new, changed or unchanged.
+1. ``prepare_batches`` / ``prepare_batch`` (worker processes, Arrow out): parse, map, validate and hash; parse errors
+   and invalid rows -> quarantine rows; valid rows get their ``content_hash``.
+2. ``finish_batch`` (flow process, in input order): ids an earlier batch already had -> quarantine (first occurrence
+   wins); the rest -> new / changed / unchanged against the products table as it was when the run started.
 3. ``ingest_media``: images/videos of new and changed products only, each decoded once.
 4. ``write_batch``: media and quarantine first, then products, each an atomic Delta commit. Products last means a
    run killed between commits re-processes that batch on rerun (every write is a keyed merge, so nothing doubles),
    and a product is never marked ingested before its media are.
+
+``validate_batch`` + ``classify`` do steps 1-2 one record at a time. The flow does not use them: they are the
+reference the vectorized path is tested against (``tests/test_warehouse.py``).
 """
 
 from __future__ import annotations
