@@ -12,10 +12,13 @@ Variants, each in its own subprocess (so each peak RSS is its own):
 
 - ``naive``: the path before this work: per product one forward (batch 1), images decoded and run through the
   tower every time, fp32, no cache (on the first ``--naive-n`` products: it is slow);
-- ``cold``: batched, bucketed by token length, channels_last, bf16 autocast where it measures faster than fp32
-  (``--precision auto``; ``features.runtime.cpu_bf16_speedup``), the visual feature cache empty (every image runs
-  through the tower and is stored);
-- ``warm``: the same with the cache filled by ``cold``: no image is decoded or run again.
+- ``cold_torch``: batched, bucketed by token length, the image tower in eager PyTorch (channels_last), bf16 autocast
+  where it measures faster than fp32 (``--precision auto``; ``features.runtime.cpu_bf16_speedup``), the visual
+  feature cache empty (every image runs through the tower and is stored);
+- ``cold``: the same with the image tower under ONNX Runtime (``--backend auto``, the default on CPU), cache empty;
+- ``warm``: ``cold`` with the cache it filled: no image is decoded or run again; the text tower in fp32 PyTorch;
+- ``warm_int8``: ``warm`` with the text tower int8-quantized under ONNX Runtime (``--precision int8``; its quality
+  against fp32 is bench/precision.py's).
 
 Achieved GFLOP/s = the model FLOPs of the products (``torch.utils.flop_counter`` on a sample) / wall time, beside a
 2048x2048 matmul measured in the same run (fp32 and bf16).
@@ -46,6 +49,14 @@ sys.path.insert(0, str(REPO))
 DATA = REPO / "data" / "bench" / "enrich"  # git-ignored
 RESULTS = REPO / "bench" / "results" / "enrich.json"
 FLOW_BATCH = 256  # the enrich flow's default batch_size
+# variant -> (image-tower backend, precision override); None keeps --precision
+VARIANTS: dict[str, tuple[str, str | None]] = {
+    "naive": ("torch", "fp32"),
+    "cold_torch": ("torch", None),
+    "cold": ("auto", None),
+    "warm": ("auto", None),
+    "warm_int8": ("auto", "int8"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,8 +158,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     wh = Warehouse(args.warehouse)
     t_load = time.perf_counter()
     enricher = JaveEnricher(args.checkpoint)
-    ref = ModelRef("bench", "0", "bench", "", device=args.device, precision=args.precision,
-                   visual_cache_root=None if args.variant == "naive" else str(args.warehouse))  # fmt: skip
+    backend, precision = VARIANTS[args.variant]
+    cache = None if args.variant == "naive" else str(args.warehouse)
+    ref = ModelRef("bench", "0", "bench", "", device=args.device, precision=precision or args.precision,
+                   backend=backend, visual_cache_root=cache)  # fmt: skip
     prepare_enricher(enricher, ref)
     if args.threads:
         from features.runtime import set_threads
@@ -177,13 +190,14 @@ def run_variant(args: argparse.Namespace) -> dict:
         "predict_s": round(predict_s, 2), "write_s": round(seconds - query_s - predict_s, 2),
         "predict_products_per_s": round(n / predict_s, 2),
         "device": str(enricher.device), "autocast": str(enricher.dtype) if args.variant != "naive" else None,
+        "backend": enricher.backend if args.variant != "naive" else "torch", "precision": enricher.precision,
         "threads": __import__("torch").get_num_threads(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }  # fmt: skip
     store = enricher.visual_store
     if store is not None:
         out.update(cache_hits=store.hits, cache_misses=store.misses, cache_writes=store.writes)
-    if args.variant == "warm":
+    if args.variant.startswith("warm"):
         out["flops"] = count_flops(enricher, todo.slice(0, min(64, todo.num_rows)).to_pylist())
     return out
 
@@ -308,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default="auto", help="fp32 | bf16 | auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--variant", choices=("naive", "cold", "warm"), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="which variants to run, in order")
     p.add_argument("--warehouse", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -320,8 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     load_start = _load()
     wh = warehouse(args.n)
     ckpt = checkpoint(args.preset, args.n)
-    shutil.rmtree(wh / "visual_features", ignore_errors=True)  # cold means cold
-    results = {v: subprocess_variant(args, v, wh, ckpt) for v in ("naive", "cold", "warm")}
+    results = {}
+    for v in args.variants.split(","):
+        if v.startswith("cold"):
+            shutil.rmtree(wh / "visual_features", ignore_errors=True)  # cold means cold
+        results[v] = subprocess_variant(args, v, wh, ckpt)
     import torch
 
     from features.runtime import set_threads
@@ -329,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         set_threads(args.threads)
     mm = matmul_gflops(args.device)
-    flops = results["warm"].pop("flops")
+    flops = [r.pop("flops") for r in results.values() if "flops" in r][0]
     per_image = flops["image_gflop"]
     for name, r in results.items():
         images = r["products"] if name == "naive" else r.get("cache_writes", 0)
@@ -360,14 +378,15 @@ def table(report: dict) -> str:
         f"{report['model_flops']['text_gflop_per_product']} GFLOP text+heads per product "
         f"({report['model_flops']['mean_tokens']} tokens), {report['model_flops']['image_gflop']} GFLOP per image",
         "",
-        "| variant | products | products/s | model products/s | query / predict / write s | GFLOP/s | peak RSS MB "
-        "| cache hits / misses | load avg before |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---|",
+        "| variant | backend / precision | products | products/s | model products/s | query / predict / write s "
+        "| GFLOP/s | peak RSS MB | cache hits / misses | load avg before |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for name, r in report["results"].items():
         cache = f"{r['cache_hits']} / {r['cache_misses']}" if "cache_hits" in r else "—"
         lines.append(
-            f"| {name} | {r['products']} | {r['products_per_s']} | {r['predict_products_per_s']} | "
+            f"| {name} | {r.get('backend', 'torch')} / {r.get('precision', '?')} | {r['products']} | "
+            f"{r['products_per_s']} | {r['predict_products_per_s']} | "
             f"{r['query_s']} / {r['predict_s']} / {r['write_s']} | {r['achieved_gflops']} | {r['peak_rss_mb']} | "
             f"{cache} | {' '.join(map(str, r['load_avg_before']))} |"
         )

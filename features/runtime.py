@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 DEVICES = ("cpu", "cuda", "auto")
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS = ("fp32", "bf16", "int8", "auto")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -60,11 +60,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
     ``auto``: bf16 on a CUDA GPU with bf16 support; on a CPU with native bf16 kernels only where bf16 measures at
-    least 1.2x faster than fp32 (`cpu_bf16_speedup`); else fp32.
+    least 1.2x faster than fp32 (`cpu_bf16_speedup`); else fp32. ``int8`` (CPU only) is no autocast: the text tower
+    runs int8-quantized under ONNX Runtime (`features.onnx_backend`), the rest in fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
-    if precision == "fp32":
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError(f"precision 'int8' runs on CPU only (ONNX Runtime), not {device}; use bf16 or auto on a GPU")
+    if precision in ("fp32", "int8"):
         return None
     ok = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_supported()
     if precision == "bf16" and not ok:
@@ -106,17 +109,24 @@ def weights_fingerprint(module: nn.Module, *extra: object) -> str:
 @dataclass
 class ImageEncoder:
     """Batched features from an image tower (its ``forward`` -> global (N, Dv), regions (N, R, Dv)) on a device,
-    channels_last and with optional autocast. ``calls`` counts the tower's forward passes."""
+    channels_last and with optional autocast, or exported to ONNX Runtime (``backend="onnx"``, CPU, fp32: ~4x
+    eager PyTorch for EfficientNet-Lite0 here, same features to 1e-5). ``calls`` counts the tower's forward passes."""
 
     tower: nn.Module
     device: torch.device
     dtype: torch.dtype | None = None
     batch_size: int = 32
     channels_last: bool = True
+    backend: str = "torch"
     calls: int = 0
 
     def __post_init__(self) -> None:
-        if self.channels_last:
+        self._onnx = None
+        if self.backend == "onnx":
+            from features.onnx_backend import onnx_image_tower
+
+            self._onnx = onnx_image_tower(self.tower)
+        elif self.channels_last:
             self.tower.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
@@ -124,6 +134,12 @@ class ImageEncoder:
         """Preprocessed images (N, 3, H, W) -> float32 numpy global (N, Dv) and regions (N, R, Dv)."""
         globs, regions = [], []
         for chunk in _chunks(pixels, self.batch_size):
+            if self._onnx is not None:
+                g, r = self._onnx(chunk)
+                self.calls += 1
+                globs.append(g.numpy())
+                regions.append(r.numpy())
+                continue
             x = chunk.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

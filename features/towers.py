@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -168,6 +169,32 @@ class TextTower(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     @torch.no_grad()
+    @torch.no_grad()
+    def embed_many(self, texts: Sequence[str], batch_size: int = 64, states: nn.Module | None = None) -> np.ndarray:
+        """``embed`` over many texts (N, D) float32, in input order, batched by token length so a batch pads to
+        similar lengths (the vectors do not depend on the batching). ``states``: another module with this tower's
+        forward signature to run instead (e.g. its int8 ONNX export, `features.onnx_backend.onnx_text_tower`)."""
+        run = states if states is not None else self
+        if not texts:
+            return np.zeros((0, self.hidden_size), np.float32)
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        out = np.zeros((len(enc), self.hidden_size), np.float32)
+        pad = self.tokenizer.pad_token_id or 0
+        device = next(self.parameters()).device
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+        for start in range(0, len(enc), batch_size):
+            index = order[start : start + batch_size]
+            width = max(len(enc[i]) for i in index)
+            ids = torch.full((len(index), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(index), width), dtype=torch.long)
+            for row, i in enumerate(index):
+                ids[row, : len(enc[i])] = torch.tensor(enc[i])
+                mask[row, : len(enc[i])] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            pooled = nn.functional.normalize(mean_pool(run(ids, mask).float(), mask), dim=-1)
+            out[index] = pooled.cpu().numpy()
+        return out
+
     def embed(self, texts: Sequence[str]) -> Tensor:
         """L2-normalised mean-pooled sentence embeddings (B, D), as sentence-transformers computes them."""
         enc = self.tokenizer(

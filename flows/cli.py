@@ -28,6 +28,14 @@ WarehouseOpt = Annotated[
         help="Warehouse root (path or s3:// URI); default $ENRICH_WAREHOUSE_ROOT or data/warehouse.",
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(help="fp32 | bf16 | int8 | auto. auto: bf16 where it measures faster; int8: text tower int8 (CPU)."),
+]
+EmbedPrecisionOpt = Annotated[
+    str, typer.Option(help="Embedder precision: fp32 | int8 (text tower int8 under ONNX Runtime; re-embeds all).")
+]
+BackendOpt = Annotated[str, typer.Option(help="torch | onnx | auto (ONNX Runtime for the image tower on CPU).")]
 
 
 def _friendly(fn):
@@ -364,7 +372,8 @@ def predict(
     all_products: Annotated[bool, typer.Option("--all", help="Re-predict unchanged products too.")] = False,
     batch_size: int = 256,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when present).")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto (bf16 where it measures faster).")] = "auto",
+    precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
     visual_cache: Annotated[
         bool, typer.Option(help="Keep image features in the warehouse (by image sha256 + backbone).")
     ] = True,
@@ -375,7 +384,7 @@ def predict(
 
     summary = enrich(warehouse_root=warehouse, model_version=model_version, source=source,
                      only_changed=not all_products, batch_size=batch_size, device=device, precision=precision,
-                     visual_cache=visual_cache)  # fmt: skip
+                     backend=backend, visual_cache=visual_cache)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -391,13 +400,14 @@ def dedupe_cmd(
     threshold: Annotated[float, typer.Option(help="Cosine cut when no labelled validation pairs exist.")] = 0.9,
     max_cluster_size: int = 50,
     full: Annotated[bool, typer.Option("--full", help="Recompute everything instead of incrementally.")] = False,
+    precision: EmbedPrecisionOpt = "fp32",
 ) -> None:
     """Embed products, find duplicate pairs (faiss top-k + threshold) and cluster them."""
     _env_defaults()
     from flows.dedupe import dedupe
 
     summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
-                     max_cluster_size=max_cluster_size, full=full)  # fmt: skip
+                     max_cluster_size=max_cluster_size, full=full, precision=precision)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -482,7 +492,9 @@ def nightly(
     batch_size: int = 256,
     train_if_missing: Annotated[bool, typer.Option(help="Train small models when there is no @champion.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | auto")] = "auto",
+    precision: PrecisionOpt = "auto",
+    backend: BackendOpt = "auto",
+    embed_precision: EmbedPrecisionOpt = "fp32",
     runner: RunnerOpt = "default",
     dask_address: DaskOpt = None,
     dask_workers: Annotated[int, typer.Option(min=1)] = 2,
@@ -497,7 +509,8 @@ def nightly(
 
     params = dict(catalog=catalog, source=source, mapping=_mapping(mapping), media=media, warehouse_root=warehouse,
                   dedupe_method=dedupe_method, k=k, threshold=threshold, batch_size=batch_size,
-                  train_if_missing=train_if_missing, device=device, precision=precision, runner=runner,
+                  train_if_missing=train_if_missing, device=device, precision=precision, backend=backend,
+                  embed_precision=embed_precision, runner=runner,
                   dask_address=dask_address, dask_workers=dask_workers, lock=lock, wait_s=wait_s)  # fmt: skip
     try:
         summary = nightly_flow(**params, resume=resume)

@@ -36,12 +36,15 @@ from warehouse import schema
 from warehouse.tables import Warehouse
 
 PRETRAINED_TEXT = "minilm-pretrained"
+EMBED_PRECISIONS = ("fp32", "int8")
 
 
 class Embedder:
     """rows -> (N, D) float32 L2-normalised, with the name / version / run recorded on every row it produces."""
 
-    def __init__(self, method: str, model_version: str | None = None):
+    def __init__(self, method: str, model_version: str | None = None, precision: str = "fp32"):
+        if precision not in EMBED_PRECISIONS:
+            raise ValueError(f"embedding precision {precision!r} is not one of {EMBED_PRECISIONS}")
         if method == "text":
             from features.towers import TextTower, TextTowerConfig
 
@@ -55,20 +58,26 @@ class Embedder:
         else:
             raise ValueError(f"unknown embedding method {method!r}; use 'encoder' or 'text'")
         self.method = method
+        self.text_onnx = None  # int8: the text tower's int8 ONNX Runtime export runs in its place
+        if precision == "int8":
+            from features.onnx_backend import onnx_text_tower
+
+            self.text_onnx = onnx_text_tower(self.tower if method == "text" else self.model.text_tower, int8=True)
 
     def __call__(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
         import torch
+
+        from features.onnx_backend import swapped
 
         with torch.no_grad():
             if self.method == "text":
                 from features.matcher import serialize
 
-                chunks = [self.tower.embed([serialize(r) for r in rows[i : i + batch_size]]).numpy()
-                          for i in range(0, len(rows), batch_size)]  # fmt: skip
-                return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 384), np.float32)
+                return self.tower.embed_many([serialize(r) for r in rows], batch_size, states=self.text_onnx)
             from features.encoder import encode_products
 
-            return encode_products(self.model, rows, batch_size=batch_size)
+            with swapped(self.model, "text_tower", self.text_onnx):
+                return encode_products(self.model, rows, batch_size=batch_size)
 
 
 @dataclass(frozen=True)
@@ -77,23 +86,32 @@ class EmbedderRef:
 
     method: str
     name: str
-    version: str
+    version: str  # as recorded in `embeddings` / `knn_graph`: the model version, "+int8" when run in int8
     run_id: str | None
     tracking_uri: str | None
+    precision: str = "fp32"
 
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
 
+    @property
+    def model_version(self) -> str:
+        return self.version.split("+")[0]
+
 
 _EMBEDDERS: dict[EmbedderRef, Embedder] = {}
 
 
-def resolve_embedder(method: str, model_version: str | None = None) -> EmbedderRef:
+def resolve_embedder(method: str, model_version: str | None = None, precision: str = "fp32") -> EmbedderRef:
     """The embedder a run will use: ``text`` (pretrained MiniLM) or ``encoder`` (``product-encoder@champion`` or an
-    explicit version; a clear error naming what to run when there is none)."""
+    explicit version; a clear error naming what to run when there is none), in ``precision`` (``fp32`` | ``int8``:
+    the text tower int8 under ONNX Runtime; recorded as version ``<v>+int8``, so switching re-embeds everything)."""
+    if precision not in EMBED_PRECISIONS:
+        raise ValueError(f"embedding precision {precision!r} is not one of {EMBED_PRECISIONS}")
+    suffix = "+int8" if precision == "int8" else ""
     if method == "text":
-        return EmbedderRef("text", PRETRAINED_TEXT, "0", None, None)
+        return EmbedderRef("text", PRETRAINED_TEXT, "0" + suffix, None, None, precision)
     if method != "encoder":
         raise ValueError(f"unknown embedding method {method!r}; use 'encoder' or 'text'")
     import mlflow
@@ -105,7 +123,7 @@ def resolve_embedder(method: str, model_version: str | None = None) -> EmbedderR
     client = mlflow.MlflowClient()
     mv = client.get_model_version(MODEL_NAME, str(model_version)) if model_version else tracking.champion(
         MODEL_NAME, client)  # fmt: skip
-    return EmbedderRef("encoder", MODEL_NAME, str(mv.version), mv.run_id, mlflow.get_tracking_uri())
+    return EmbedderRef("encoder", MODEL_NAME, f"{mv.version}{suffix}", mv.run_id, mlflow.get_tracking_uri(), precision)
 
 
 def load_embedder(ref: EmbedderRef) -> Embedder:
@@ -114,7 +132,7 @@ def load_embedder(ref: EmbedderRef) -> Embedder:
             import os
 
             os.environ["MLFLOW_TRACKING_URI"] = ref.tracking_uri
-        _EMBEDDERS[ref] = Embedder(ref.method, None if ref.method == "text" else ref.version)
+        _EMBEDDERS[ref] = Embedder(ref.method, None if ref.method == "text" else ref.model_version, ref.precision)
     return _EMBEDDERS[ref]
 
 
@@ -330,12 +348,14 @@ def dedupe(
     exact_max: int = 200_000,
     max_cluster_size: int = 50,
     full: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Find duplicate products and cluster them; incremental unless ``full``."""
+    """Find duplicate products and cluster them; incremental unless ``full``. ``precision``: ``fp32`` | ``int8``
+    (the embedder's text tower int8 under ONNX Runtime: ~2x faster on CPU, vectors within ~0.01 cosine)."""
     logger = get_run_logger()
     started = time.perf_counter()
     wh = Warehouse(warehouse_root)
-    ref = resolve_embedder(method, model_version)
+    ref = resolve_embedder(method, model_version, precision)
     products = _products(wh, source)
     if products.num_rows < 2:
         raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")

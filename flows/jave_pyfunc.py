@@ -81,6 +81,7 @@ class JaveEnricher:
         *,
         device: str = "auto",
         precision: str = "auto",
+        backend: str = "auto",
         visual_store: Any = None,
         threads: int | None = None,
         batch_size: int | None = None,
@@ -92,7 +93,11 @@ class JaveEnricher:
 
         Args:
             device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (cuda when present).
-            precision: ``fp32`` | ``bf16`` | ``auto`` (bf16 autocast where it measures faster than fp32).
+            precision: ``fp32`` | ``bf16`` | ``int8`` | ``auto`` (bf16 autocast where it measures faster than fp32).
+                ``int8``: the text tower runs with int8 weights under ONNX Runtime (CPU; see bench/precision.py for
+                its quality against fp32), everything else in fp32.
+            backend: ``torch`` | ``onnx`` | ``auto`` for the frozen image tower on CPU: ``auto`` takes ONNX Runtime
+                when installed (features equal to eager PyTorch within 1e-5, several times faster).
             visual_store: a ``warehouse.visual_features.VisualFeatureStore`` for `backbone_id`, or None (features
                 are computed for every call).
             threads: CPU intra-op threads (default: leave torch's setting, which is one per physical core).
@@ -102,13 +107,19 @@ class JaveEnricher:
                 resize; part of `backbone_id`.
             io_threads: parallel image fetch + decode + preprocess.
         """
+        from features.onnx_backend import onnx_text_tower, resolve_backend
         from features.runtime import ImageEncoder, cuda_batch_size, resolve_device, resolve_precision, set_threads
 
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
+        self.backend = resolve_backend("onnx" if precision == "int8" and backend == "auto" else backend, self.device)
+        if precision == "int8" and self.backend != "onnx":
+            raise ValueError(f"precision 'int8' runs the text tower under ONNX Runtime; backend {backend!r} cannot")
         if self.device.type == "cpu" and threads is not None:
             set_threads(threads)
         self.model.to(self.device).eval()
+        self.precision = "int8" if precision == "int8" else ("bf16" if self.dtype is not None else "fp32")
+        self.text_onnx = onnx_text_tower(self.model.text_tower, int8=True) if precision == "int8" else None
         cuda = self.device.type == "cuda"
         self.batch_size = batch_size or (cuda_batch_size(8 * 2**20, cap=512) if cuda else 64)
         self.decode_max_side = decode_max_side
@@ -119,6 +130,7 @@ class JaveEnricher:
             self.image_encoder = ImageEncoder(
                 self.model.image_tower, self.device, self.dtype,
                 batch_size=image_batch_size or (cuda_batch_size(24 * 2**20, cap=512) if cuda else 32),
+                backend=self.backend,
             )  # fmt: skip
             if visual_store is not None and visual_store.backbone_id != self.backbone_id:
                 raise ValueError(
@@ -145,6 +157,7 @@ class JaveEnricher:
     def predict_rows(self, rows: list[dict[str, Any]], batch_size: int | None = None) -> list[dict[str, Any]]:
         """Prediction rows (``OUTPUT_COLUMNS``) for canonical rows; a row may carry ``image_media`` (its media
         table entries: uri, sha256, blob_uri) so images are keyed and read without refetching the source."""
+        from features.onnx_backend import swapped
         from features.runtime import autocast
         from jave.data import build_examples
         from jave.predict import predict
@@ -153,7 +166,7 @@ class JaveEnricher:
             return []
         examples = build_examples(rows, self.spec, self.tokenizer)
         visual = self.visual_features(rows) if self.use_image else None
-        with autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype), swapped(self.model, "text_tower", self.text_onnx):
             preds = predict(
                 self.model, examples, self.spec, batch_size or self.batch_size, thresholds=self.thresholds,
                 gate=False, visual_cache=visual,

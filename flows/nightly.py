@@ -250,7 +250,7 @@ def _versions(wh: Warehouse, tables: tuple[str, ...]) -> dict[str, int]:
 
 
 def _require_models(dedupe_method: str, train_if_missing: bool, source: str | None, train: dict[str, Any],
-                    ingest_first: Any = None):  # fmt: skip
+                    ingest_first: Any = None, embed_precision: str = "fp32"):  # fmt: skip
     """(jave ref, embedder ref): the @champion models, trained first when missing and ``train_if_missing`` (after
     ``ingest_first()`` has put the catalog in the warehouse: the models train on it)."""
     from flows.dedupe import resolve_embedder
@@ -277,7 +277,7 @@ def _require_models(dedupe_method: str, train_if_missing: bool, source: str | No
         train_jave(dataset=source, **train.get("jave", {}))
         jave = resolve_model("jave")
     try:
-        emb = resolve_embedder(dedupe_method)
+        emb = resolve_embedder(dedupe_method, precision=embed_precision)
     except LookupError as e:
         if not train_if_missing:
             raise LookupError(
@@ -290,7 +290,7 @@ def _require_models(dedupe_method: str, train_if_missing: bool, source: str | No
         if ingest_first is not None:
             ingest_first()
         train_encoder(source=source, **train.get("encoder", {}))
-        emb = resolve_embedder(dedupe_method)
+        emb = resolve_embedder(dedupe_method, precision=embed_precision)
     return jave, emb
 
 
@@ -322,6 +322,8 @@ def nightly(
     train: dict[str, Any] | None = None,
     device: str = "auto",
     precision: str = "auto",
+    backend: str = "auto",
+    embed_precision: str = "fp32",
     runner: str = "default",
     dask_address: str | None = None,
     dask_workers: int = 2,
@@ -338,7 +340,9 @@ def nightly(
             ``train_if_missing``); the path when None.
         dedupe_method: ``encoder`` (``product-encoder@champion``) or ``text`` (pretrained MiniLM).
         train: keyword arguments for the trainings ``train_if_missing`` runs: ``{"jave": {...}, "encoder": {...}}``.
-        device, precision: where JAVE runs (``cpu`` | ``cuda`` | ``auto``) and how (``fp32`` | ``bf16`` | ``auto``).
+        device, precision, backend: where JAVE runs (``cpu`` | ``cuda`` | ``auto``), how (``fp32`` | ``bf16`` |
+            ``int8`` | ``auto``) and on what (``torch`` | ``onnx`` | ``auto``: ONNX Runtime for the towers on CPU).
+        embed_precision: the dedupe embedder's ``fp32`` | ``int8`` (see `flows.dedupe.resolve_embedder`).
         runner: ``default`` (Prefect's thread pool) or ``dask`` (``dask_address``, or a LocalCluster).
         resume: continue the last run if it did not finish (killed or failed); False starts a new one.
         lock: ``auto`` | ``file`` | ``prefect`` | ``none`` (see `nightly_lock`); ``wait_s``: how long to wait for it.
@@ -349,7 +353,8 @@ def nightly(
     wh = Warehouse(warehouse_root)
     source = source or catalog
     params = {"catalog": catalog, "source": source, "dedupe_method": dedupe_method, "k": k, "threshold": threshold,
-              "batch_size": batch_size, "device": device, "precision": precision, "runner": runner,
+              "batch_size": batch_size, "device": device, "precision": precision, "backend": backend,
+              "embed_precision": embed_precision, "runner": runner,
               "dask_workers": dask_workers, "media": media}  # fmt: skip
     with nightly_lock(wh, lock, wait_s) as held:
         logger.info("nightly lock: %s", held)
@@ -361,8 +366,12 @@ def nightly(
 
                 ingest_flow(catalog, fmt=fmt, source=source, warehouse_root=wh.root, mapping=mapping, media=media)
 
-        jave_ref, emb_ref = _require_models(dedupe_method, train_if_missing, source, train or {}, ingest_first)
-        jave_ref = dataclasses.replace(jave_ref, device=device, precision=precision, visual_cache_root=wh.root)
+        jave_ref, emb_ref = _require_models(
+            dedupe_method, train_if_missing, source, train or {}, ingest_first, embed_precision
+        )
+        jave_ref = dataclasses.replace(
+            jave_ref, device=device, precision=precision, backend=backend, visual_cache_root=wh.root
+        )
         last_ok, unfinished = last_runs(wh)
         if unfinished is not None and resume:
             rec = unfinished

@@ -52,6 +52,13 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     assert inc_clusters == {r["product_id"]: r["cluster_id"] for r in wh.read("clusters").to_pylist()}
     assert (rows[1]["sku"], "NEW-1") in full_pairs or ("NEW-1", rows[1]["sku"]) in full_pairs
 
+    # int8 embedder: recorded as another version, so everything is re-embedded once, then incremental again
+    q = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8")
+    assert q["model"] == "minilm-pretrained/0+int8" and q["embedded"] == q["products"]
+    found8 = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    assert len([t for t in truth if t in found8]) >= 0.75 * len(truth)
+    assert dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8")["embedded"] == 0
+
     a, b = hits[0]
     out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])
     assert out.exit_code == 0, out.output

@@ -73,8 +73,19 @@ def enricher(tmp_path):
 
 
 def _count_tower_calls(enricher) -> list[int]:
+    """Forward passes of the image tower, whichever backend runs it (PyTorch hook + the ONNX session's calls)."""
     calls = [0]
     enricher.model.image_tower.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    encoder = enricher.image_encoder
+    if encoder._onnx is not None:
+        session = encoder._onnx.session
+
+        class Counting:
+            def run(self, *a, **kw):
+                calls[0] += 1
+                return session.run(*a, **kw)
+
+        encoder._onnx.session = Counting()
     return calls
 
 
@@ -211,6 +222,74 @@ def test_device_and_precision_are_validated(enricher):
         with pytest.raises(ValueError, match="no CUDA"):
             enricher.configure(device="cuda")
     assert enricher.configure(device="auto", precision="fp32").device.type in ("cpu", "cuda")
+
+
+def test_onnx_image_backend_gives_the_torch_features_and_answers(tmp_path, enricher):
+    rows = _rows(_images(tmp_path / "img", 3))
+    torch_feats = enricher.configure(device="cpu", precision="fp32", backend="torch").visual_features(rows)
+    torch_preds = enricher.predict_rows(rows)
+    assert enricher.image_encoder._onnx is None
+    onnx_feats = enricher.configure(device="cpu", precision="fp32", backend="onnx").visual_features(rows)
+    assert enricher.image_encoder._onnx is not None and enricher.image_encoder.calls == 1
+    assert set(onnx_feats) == set(torch_feats)
+    for uri, (g, r) in torch_feats.items():  # both rounded to fp16 (the store's format)
+        np.testing.assert_allclose(onnx_feats[uri][0], g, atol=2e-3)
+        np.testing.assert_allclose(onnx_feats[uri][1], r, atol=2e-3)
+    onnx_preds = enricher.predict_rows(rows)
+    assert _scores(onnx_preds) == _scores(torch_preds)
+    np.testing.assert_allclose([p["score"] for p in onnx_preds], [p["score"] for p in torch_preds], atol=1e-3)
+
+
+def test_int8_text_tower_stays_close_to_fp32(tmp_path, enricher):
+    from jave.data import build_examples
+    from jave.predict import infer
+
+    rows = _rows(_images(tmp_path / "img", 3))
+    enricher.configure(device="cpu", precision="fp32")
+    assert enricher.text_onnx is None
+    feats = enricher.visual_features(rows)
+    examples = build_examples(rows, enricher.spec, enricher.tokenizer)
+    fp32 = infer(enricher.model, examples, enricher.spec, 4, visual_cache=feats)
+    enricher.configure(device="cpu", precision="int8")
+    assert enricher.precision == "int8" and enricher.backend == "onnx"
+    from features.onnx_backend import swapped
+
+    with swapped(enricher.model, "text_tower", enricher.text_onnx):  # what predict_rows runs under int8
+        int8 = infer(enricher.model, examples, enricher.spec, 4, visual_cache=feats)
+    assert enricher.model.text_tower is not enricher.text_onnx  # the torch tower is back afterwards
+    for a, b in zip(fp32, int8, strict=True):
+        np.testing.assert_allclose(a.attr_probs, b.attr_probs, atol=0.05)
+        assert (a.tag_probs.argmax(-1) == b.tag_probs.argmax(-1)).mean() > 0.9
+    assert not np.allclose(fp32[0].tag_probs, int8[0].tag_probs, atol=1e-7)  # the int8 graph really ran
+    assert len(enricher.predict_rows(rows)) > 0
+
+
+def test_backend_and_int8_are_validated(enricher):
+    with pytest.raises(ValueError, match="backend 'gpu' is not one of"):
+        enricher.configure(device="cpu", backend="gpu")
+    with pytest.raises(ValueError, match="int8.*ONNX Runtime"):
+        enricher.configure(device="cpu", precision="int8", backend="torch")
+    from features.runtime import resolve_precision
+
+    with pytest.raises(ValueError, match="int8.*CPU only"):
+        resolve_precision("int8", torch.device("cuda"))
+
+
+def test_exported_graph_is_cached_by_weights(tmp_path):
+    from features.onnx_backend import onnx_text_tower
+    from features.towers import TextTower
+
+    torch.manual_seed(0)
+    tower = TextTower(tiny=True).eval()
+    first = onnx_text_tower(tower, int8=False, root=tmp_path)
+    stamp = first.path.stat().st_mtime_ns
+    again = onnx_text_tower(tower, int8=False, root=tmp_path)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # reused, not re-exported
+    ids, mask = torch.randint(5, 90, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        np.testing.assert_allclose(again(ids, mask), tower(ids, mask), atol=1e-5)
+        next(tower.parameters()).add_(0.5)
+    assert onnx_text_tower(tower, int8=False, root=tmp_path).path != first.path  # new weights: a new graph
 
 
 def test_weights_fingerprint_covers_buffers_and_weights():

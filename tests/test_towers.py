@@ -180,3 +180,16 @@ def test_minilm_extracts_once_atomically(tmp_path, monkeypatch):
 def test_missing_text_model_error_names_the_fix():
     with pytest.raises(OSError, match="HF_HUB_OFFLINE"):
         TextTower(TextTowerConfig(name="/nonexistent/model-folder"))
+
+
+def test_embed_many_is_embed_in_input_order_whatever_the_batching():
+    import numpy as np
+
+    torch.manual_seed(0)
+    tower = TextTower(tiny=True).eval()
+    texts = ["red cotton shirt " * k for k in (5, 1, 9, 2, 1, 7)] + ["a"]
+    with torch.no_grad():
+        one_by_one = np.stack([tower.embed([t])[0].numpy() for t in texts])
+    for batch_size in (1, 3, 64):  # sorted by length inside: other batches, other padding, same vectors
+        np.testing.assert_allclose(tower.embed_many(texts, batch_size), one_by_one, atol=1e-5)
+    assert tower.embed_many([], 8).shape == (0, tower.hidden_size)
