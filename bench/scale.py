@@ -109,12 +109,13 @@ def run_step(args: argparse.Namespace) -> dict:
     elif args.step == "enrich":
         from flows.enrich import enrich
 
-        s = enrich(warehouse_root=args.warehouse, device=args.device, batch_size=args.batch_size)
+        s = enrich(warehouse_root=args.warehouse, device=args.device, batch_size=args.batch_size,
+                   precision=args.precision)  # fmt: skip
         summary = {k: s.get(k) for k in ("products", "values_accepted", "seconds")}
     elif args.step == "dedupe":
         from flows.dedupe import dedupe
 
-        s = dedupe(warehouse_root=args.warehouse, method=args.dedupe_method)
+        s = dedupe(warehouse_root=args.warehouse, method=args.dedupe_method, precision=args.embed_precision)
         summary = {k: v for k, v in s.items() if isinstance(v, int | float | str) and k != "cluster_sizes"}
     else:  # train: a registered jave@champion for the enrich step
         from flows.train_jave import train_jave
@@ -130,7 +131,7 @@ def run_step(args: argparse.Namespace) -> dict:
 def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool) -> dict:
     cmd = [sys.executable, __file__, "--step", name, "--warehouse", str(wh), "--catalog", str(path),
            "--preset", args.preset, "--device", args.device, "--dedupe-method", args.dedupe_method,
-           "--batch-size", str(args.batch_size)]  # fmt: skip
+           "--batch-size", str(args.batch_size), *_precisions(args, images)]  # fmt: skip
     if images:
         cmd.append("--images")
     load = [round(x, 2) for x in os.getloadavg()]
@@ -145,6 +146,13 @@ def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool
     return out
 
 
+def _precisions(args: argparse.Namespace, images: bool) -> list[str]:
+    """The text-only sizes take the fast path: the JAVE text tower and the dedupe embedder in int8 (ONNX Runtime)."""
+    if images or not args.int8_text_only:
+        return ["--precision", args.precision, "--embed-precision", args.embed_precision]
+    return ["--precision", "int8", "--embed-precision", "int8"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="2000", help="comma-separated catalog sizes, e.g. 10000,100000,1000000")
@@ -154,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dedupe-method", default="text", help="text (pretrained MiniLM) | encoder")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256, help="enrich flow batch (one Delta commit set per batch)")
+    p.add_argument("--precision", default="auto", help="JAVE precision, sizes with images: fp32|bf16|int8|auto")
+    p.add_argument("--embed-precision", default="fp32", help="dedupe embedder precision for sizes with images")
+    p.add_argument("--int8-text-only", action=argparse.BooleanOptionalAction, default=True,
+                   help="text-only sizes run JAVE and the embedder in int8 (the fast path)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--step", choices=(*STEPS, "train"), help=argparse.SUPPRESS)
     p.add_argument("--warehouse", help=argparse.SUPPRESS)
@@ -165,16 +177,21 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(),
-              "config": {k: v for k, v in vars(args).items() if k in ("preset", "images_up_to", "changed",
-                                                                        "dedupe_method", "device", "batch_size")},
+    config = {k: v for k, v in vars(args).items() if k in ("preset", "images_up_to", "changed", "dedupe_method",
+                                                            "device", "batch_size", "int8_text_only")}  # fmt: skip
+    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": _machine(), "config": config,
               "sizes": {}}  # fmt: skip
+    if args.out.exists():  # sizes measured earlier with the same config are kept (run sizes in separate calls)
+        old = json.loads(args.out.read_text())
+        if old.get("config", {}) | {"int8_text_only": config["int8_text_only"]} == config:
+            report["sizes"] = old.get("sizes", {})
     for n in sizes:
         images = n <= args.images_up_to
         path = catalog(n, images)
         wh = DATA / f"wh-{n}"
         shutil.rmtree(wh, ignore_errors=True)
-        print(f"{n} products ({'text + 1 image' if images else 'text only'}):", flush=True)
+        print(f"{n} products ({'text + 1 image' if images else 'text only'}): {' '.join(_precisions(args, images))}",
+              flush=True)  # fmt: skip
         full = {"ingest": step(args, "ingest", wh, path, images)}
         marker = DATA / f"mlruns-{args.preset}" / ".registered"
         if not marker.exists():  # one model (image path on) per preset, trained on the first size; reused after
@@ -186,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         changed_path, n_changed = changed_catalog(path, args.changed)
         runs["changed"] = {s: step(args, s, wh, changed_path, images) for s in STEPS}
         report["sizes"][str(n)] = {"images": images, "changed_products": n_changed, "runs": runs,
+                                   "precisions": _precisions(args, images), "date": report["date"],
+                                   "load_avg_end": [round(x, 2) for x in os.getloadavg()],
                                    "check": _check(runs, args.changed)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -134,7 +134,13 @@ def exported(
         data = _quantize(data, keep_fp32)
     import fsspec
 
-    atomic_write(fsspec.filesystem("file"), str(path), data, local=True)
+    try:
+        atomic_write(fsspec.filesystem("file"), str(path), data, local=True)
+    except OSError as err:  # a read-only cache (e.g. a container's): this process keeps its own copy
+        fallback = Path(tempfile.gettempdir()) / "enrich-onnx" / path.name
+        log.warning("cannot write %s (%s); using %s. Set ENRICH_ONNX_CACHE to a writable folder", path, err, fallback)
+        atomic_write(fsspec.filesystem("file"), str(fallback), data, local=True)
+        return fallback
     log.info("exported %s (%.1f MB)", path, len(data) / 2**20)
     return path
 

@@ -336,3 +336,19 @@ def test_flow_rows_carry_media_keys_and_hit_the_warehouse_cache(tmp_path, prefec
     again = enricher.predict_rows(rows)
     assert calls[0] == 0 and enricher.visual_store.hits == len(shas)
     assert _scores(again) == _scores(first)
+
+
+def test_unwritable_onnx_cache_falls_back_to_a_temp_copy(tmp_path, monkeypatch):
+    from features.onnx_backend import onnx_image_tower
+    from features.towers import ImageTower
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("ENRICH_ONNX_CACHE", str(blocker / "onnx"))
+    torch.manual_seed(3)
+    tower = ImageTower(tiny=True).eval()
+    onnx = onnx_image_tower(tower)
+    assert not str(onnx.path).startswith(str(blocker)) and onnx.path.exists()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx(x)[0], tower(x)[0], atol=1e-5)
