@@ -1,27 +1,27 @@
-"""Scaling benchmark: wall time and peak memory of ingest -> predict (JAVE) -> dedupe as the catalog grows, and of the
-nightly incremental rerun.
+"""Scaling benchmark: wall time and peak memory of the nightly run (ingest -> featurize -> predict (JAVE) -> embed ->
+dedupe) as the catalog grows, and of its incremental rerun.
 
-Per size N (``--sizes``), on a fresh warehouse under ``data/bench/scale/`` (git-ignored):
+Per size N (``--sizes``), on a fresh warehouse under ``data/bench/scale/`` (git-ignored), three ``nightly`` flow runs,
+each in its own process (its own peak RSS, ``ru_maxrss``; ``--dedupe-method text``: pretrained MiniLM embeddings):
 
-1. ``full``: the Prefect flows ``ingest`` (media on where the products have images), ``enrich`` (``jave@champion``,
-   visual feature cache on) and ``dedupe`` (``--dedupe-method``, default ``text``: pretrained MiniLM embeddings,
-   faiss top-k, clusters), each in its own subprocess (its own peak RSS, ``ru_maxrss``);
-2. ``noop``: the same three flows again on the same catalog: nothing changed, so this is the fixed overhead of a
-   nightly run (process + Prefect start, model load, the change queries, index load);
-3. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each flow redoes only those products.
+1. ``full``: the first run: every product ingested (media on where the products have images), featurized,
+   predicted, embedded, searched and clustered;
+2. ``noop``: the same catalog again: nothing changed, so this is the fixed overhead of a nightly run (process start,
+   Prefect, the run record, the change queries, the graph load);
+3. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each stage redoes only those products.
 
-The claim to check: ``changed`` ≈ ``noop`` + ``--changed`` x (``full`` - ``noop``).
+The claim to check (``check`` in the JSON): ``changed`` ≈ ``noop`` + ``--changed`` x (``full`` - ``noop``), i.e. the
+changed rows cost their share of the full run's work on top of the fixed overhead.
 
 Products: ``warehouse.sample_catalog``'s generator (title, description, spec table, labels); one rendered image each
-for N <= ``--images-up-to``, text-only above it (the fast path for the largest sizes). The JAVE model is trained for
-a few steps (``--preset``: ``tiny`` random hidden-32 towers, fast; ``default`` pretrained towers) and registered in
-a private MLflow store once; its quality is irrelevant here.
+for N <= ``--images-up-to``; text-only above it, where JAVE's text tower and the embedder run int8 under ONNX Runtime
+(the fast path for the largest sizes; ``--no-int8-text-only`` keeps fp32). The JAVE model is trained for a few steps
+(``--preset``: ``tiny`` random hidden-32 towers; ``default`` pretrained towers) and registered in a private MLflow
+store once; its quality is irrelevant here. Each size is written to the results file when it finishes, and sizes
+measured earlier with the same settings are kept, so sizes can run in separate calls.
 
-    python bench/scale.py                                        # 2k products, tiny JAVE, one image each
-    python bench/scale.py --sizes 10000,100000,1000000 --images-up-to 10000 --batch-size 4096   # the full curve
-
-The ``dedupe`` step embeds with the pretrained MiniLM whatever the preset (``--dedupe-method text``), ~100 texts/s
-on 2 cores: at 1M products that step alone is hours; ``--preset default`` makes ``enrich`` MiniLM-bound as well.
+    python bench/scale.py                                                 # 2k products, tiny JAVE, one image each
+    python bench/scale.py --sizes 10000,100000 --images-up-to 10000       # the curve in the README
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 DATA = REPO / "data" / "bench" / "scale"  # git-ignored
 RESULTS = REPO / "bench" / "results" / "scale.json"
 SOURCE = "bench-scale"
-STEPS = ("ingest", "enrich", "dedupe")
+STAGES = ("ingest", "featurize", "predict", "embed", "dedupe")  # the nightly flow's
 
 
 def catalog(n: int, images: bool) -> Path:
@@ -97,29 +97,27 @@ def _env(preset: str) -> dict[str, str]:
 
 
 def run_step(args: argparse.Namespace) -> dict:
-    """One flow in this process (``--step``): its summary, wall seconds and peak RSS."""
+    """One nightly run (``--step nightly``) or the model training (``--step train``) in this process: its summary,
+    wall seconds and peak RSS."""
+    from warehouse.sample_catalog import FIELD_MAP
+
     started = time.perf_counter()
-    if args.step == "ingest":
+    if args.step == "nightly":
+        from flows.nightly import nightly
+
+        s = nightly(catalog=args.catalog, source=SOURCE, mapping=dict(FIELD_MAP), media=args.images,
+                    warehouse_root=args.warehouse, dedupe_method=args.dedupe_method, batch_size=args.batch_size,
+                    device=args.device, precision=args.precision, embed_precision=args.embed_precision,
+                    resume=False)  # fmt: skip
+        summary = {"stages_s": s["seconds"], "flow_s": s["total_seconds"]} | {
+            k: s.get(k) for k in ("changed_since_watermark", "ingested", "featurized_images", "predicted_products",
+                                  "values_accepted", "embedded", "duplicate_pairs", "clusters", "graph")
+        }  # fmt: skip
+    else:  # train: a registered jave@champion (image path on) for the nightly runs, on its own warehouse
         from flows.ingest import ingest
-        from warehouse.sample_catalog import FIELD_MAP
-
-        s = ingest(args.catalog, mapping=dict(FIELD_MAP), source=SOURCE, warehouse_root=args.warehouse,
-                   media=True, video_frames=1)  # fmt: skip
-        summary = {k: s.get(k) for k in ("read", "new", "changed", "unchanged", "media_ok")}
-    elif args.step == "enrich":
-        from flows.enrich import enrich
-
-        s = enrich(warehouse_root=args.warehouse, device=args.device, batch_size=args.batch_size,
-                   precision=args.precision)  # fmt: skip
-        summary = {k: s.get(k) for k in ("products", "values_accepted", "seconds")}
-    elif args.step == "dedupe":
-        from flows.dedupe import dedupe
-
-        s = dedupe(warehouse_root=args.warehouse, method=args.dedupe_method, precision=args.embed_precision)
-        summary = {k: v for k, v in s.items() if isinstance(v, int | float | str) and k != "cluster_sizes"}
-    else:  # train: a registered jave@champion for the enrich step
         from flows.train_jave import train_jave
 
+        ingest(args.catalog, mapping=dict(FIELD_MAP), source=SOURCE, warehouse_root=args.warehouse, media=args.images)
         s = train_jave(dataset=SOURCE, preset=args.preset, epochs=1, max_train=256, max_validation=64, max_steps=8,
                        warehouse_root=args.warehouse, checkpoint_root=str(DATA / f"checkpoints-{args.preset}"),
                        use_image=True)  # fmt: skip
@@ -128,7 +126,7 @@ def run_step(args: argparse.Namespace) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **summary}  # fmt: skip
 
 
-def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool) -> dict:
+def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool, label: str = "") -> dict:
     cmd = [sys.executable, __file__, "--step", name, "--warehouse", str(wh), "--catalog", str(path),
            "--preset", args.preset, "--device", args.device, "--dedupe-method", args.dedupe_method,
            "--batch-size", str(args.batch_size), *_precisions(args, images)]  # fmt: skip
@@ -142,7 +140,9 @@ def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool
         raise SystemExit(f"step {name} failed (exit {proc.returncode})")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out.update(process_s=round(time.perf_counter() - t, 2), load_avg_before=load)
-    print(f"  {name:7s} {out['process_s']:8.1f} s  {out['peak_rss_mb']:7.0f} MB  load {load[0]}", flush=True)
+    stages = " ".join(f"{k} {v:.1f}" for k, v in (out.get("stages_s") or {}).items() if v is not None)
+    print(f"  {label or name:8s} {out['process_s']:8.1f} s  {out['peak_rss_mb']:7.0f} MB  load {load[0]}  {stages}",
+          flush=True)  # fmt: skip
     return out
 
 
@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--changed", type=float, default=0.01, help="share of products changed for the incremental run")
     p.add_argument("--dedupe-method", default="text", help="text (pretrained MiniLM) | encoder")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256, help="enrich flow batch (one Delta commit set per batch)")
+    p.add_argument("--batch-size", type=int, default=256, help="nightly batch (one Delta commit set per batch)")
     p.add_argument("--precision", default="auto", help="JAVE precision, sizes with images: fp32|bf16|int8|auto")
     p.add_argument("--embed-precision", default="fp32", help="dedupe embedder precision for sizes with images")
     p.add_argument("--int8-text-only", action=argparse.BooleanOptionalAction, default=True,
                    help="text-only sizes run JAVE and the embedder in int8 (the fast path)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--step", choices=(*STEPS, "train"), help=argparse.SUPPRESS)
+    p.add_argument("--step", choices=("nightly", "train"), help=argparse.SUPPRESS)
     p.add_argument("--warehouse", help=argparse.SUPPRESS)
     p.add_argument("--catalog", help=argparse.SUPPRESS)
     p.add_argument("--images", action="store_true", help=argparse.SUPPRESS)
@@ -183,40 +183,42 @@ def main(argv: list[str] | None = None) -> None:
               "sizes": {}}  # fmt: skip
     if args.out.exists():  # sizes measured earlier with the same config are kept (run sizes in separate calls)
         old = json.loads(args.out.read_text())
-        if old.get("config", {}) | {"int8_text_only": config["int8_text_only"]} == config:
+        if old.get("config") == config:
             report["sizes"] = old.get("sizes", {})
     for n in sizes:
         images = n <= args.images_up_to
         path = catalog(n, images)
+        marker = DATA / f"mlruns-{args.preset}" / ".registered"
+        if not marker.exists():  # one model (image path on) per preset, trained once on the first size's catalog
+            train_wh = DATA / f"train-wh-{args.preset}"
+            shutil.rmtree(train_wh, ignore_errors=True)
+            step(args, "train", train_wh, path, images)
+            marker.write_text("jave@champion\n")
         wh = DATA / f"wh-{n}"
         shutil.rmtree(wh, ignore_errors=True)
         print(f"{n} products ({'text + 1 image' if images else 'text only'}): {' '.join(_precisions(args, images))}",
               flush=True)  # fmt: skip
-        full = {"ingest": step(args, "ingest", wh, path, images)}
-        marker = DATA / f"mlruns-{args.preset}" / ".registered"
-        if not marker.exists():  # one model (image path on) per preset, trained on the first size; reused after
-            step(args, "train", wh, path, images)
-            marker.write_text("jave@champion\n")
-        full |= {s: step(args, s, wh, path, images) for s in STEPS[1:]}
-        runs: dict[str, dict] = {"full": full}
-        runs["noop"] = {s: step(args, s, wh, path, images) for s in STEPS}
+        runs = {"full": step(args, "nightly", wh, path, images, "full")}
+        runs["noop"] = step(args, "nightly", wh, path, images, "noop")
         changed_path, n_changed = changed_catalog(path, args.changed)
-        runs["changed"] = {s: step(args, s, wh, changed_path, images) for s in STEPS}
+        runs["changed"] = step(args, "nightly", wh, changed_path, images, "changed")
         report["sizes"][str(n)] = {"images": images, "changed_products": n_changed, "runs": runs,
                                    "precisions": _precisions(args, images), "date": report["date"],
                                    "load_avg_end": [round(x, 2) for x in os.getloadavg()],
                                    "check": _check(runs, args.changed)}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")  # after every size
     print(table(report))
 
 
 def _check(runs: dict, share: float) -> dict:
-    """Per step: the changed run's time against noop + share x (full - noop)."""
+    """The changed run against noop + share x (full - noop), for the process (start to exit) and the flow alone."""
     out = {}
-    for s in STEPS:
-        full, noop, changed = (runs[r][s]["process_s"] for r in ("full", "noop", "changed"))
-        out[s] = {"fixed_overhead_s": noop, "expected_s": round(noop + share * (full - noop), 2), "changed_s": changed}
+    for key in ("process_s", "flow_s"):
+        full, noop, changed = (runs[r][key] for r in ("full", "noop", "changed"))
+        out[key] = {"fixed_overhead_s": noop, "expected_s": round(noop + share * (full - noop), 2),
+                    "changed_s": changed, "changed_work_s": round(changed - noop, 2),
+                    "changed_work_share_of_full": round((changed - noop) / max(full - noop, 1e-9), 4)}  # fmt: skip
     return out
 
 
@@ -233,15 +235,17 @@ def table(report: dict) -> str:
         f"scale · preset {report['config']['preset']} · {report['machine']['cpu_model']} "
         f"({report['machine']['cores_usable']} cores) · {report['date']}",
         "",
-        "| products | run | ingest s | enrich s | dedupe s | total s | peak RSS MB (max of steps) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| products | run | ingest s | featurize s | predict s | embed s | dedupe s | flow s | process s "
+        "| peak RSS MB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, r in report["sizes"].items():
-        for run, steps in r["runs"].items():
-            secs = [steps[s]["process_s"] for s in STEPS]
+        for run, out in r["runs"].items():
+            st = out["stages_s"]
             label = f"{run} ({r['changed_products']} changed)" if run == "changed" else run
-            lines.append(f"| {n} | {label} | " + " | ".join(f"{x:.1f}" for x in secs)
-                         + f" | {sum(secs):.1f} | {max(steps[s]['peak_rss_mb'] for s in STEPS):.0f} |")  # fmt: skip
+            cells = " | ".join("—" if st.get(k) is None else f"{st[k]:.1f}" for k in STAGES)
+            lines.append(f"| {n} | {label} | {cells} | {out['flow_s']:.1f} | {out['process_s']:.1f} | "
+                         f"{out['peak_rss_mb']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -40,20 +40,26 @@ def cpu_bf16_supported() -> bool:
 
 
 @functools.cache
-def cpu_bf16_speedup(rows: int = 1024, width: int = 384, trials: int = 5) -> float:
-    """fp32 time / bf16 time of a transformer-sized linear layer on this CPU, best of ``trials`` each, interleaved
-    (~0.1 s, once per process). A CPU can have bf16 instructions and still run bf16 slower (no AMX, a VM, the
-    oneDNN build), so ``auto`` measures instead of trusting the flags."""
+def cpu_bf16_speedup(rows: int = 1024, width: int = 384, trials: int = 9) -> float:
+    """fp32 time / bf16 time of a transformer-sized linear layer on this CPU: the median over ``trials`` of the
+    ratio of back-to-back runs (~0.2 s, once per process; pairing and the median keep a busy machine from deciding).
+    A CPU can have bf16 instructions and still run bf16 slower (no AMX, a VM, the oneDNN build), so ``auto``
+    measures instead of trusting the flags."""
     x, layer = torch.randn(rows, width), nn.Linear(width, 4 * width)
-    best = {"fp32": float("inf"), "bf16": float("inf")}
+    ratios = []
     with torch.no_grad():
+        for dtype in (None, torch.bfloat16):  # warm-up: first-call setup is not what is measured
+            with autocast(torch.device("cpu"), dtype):
+                layer(x)
         for _ in range(trials):
-            for name in best:
-                with autocast(torch.device("cpu"), torch.bfloat16 if name == "bf16" else None):
+            seconds = []
+            for dtype in (None, torch.bfloat16):
+                with autocast(torch.device("cpu"), dtype):
                     t = time.perf_counter()
                     layer(x)
-                    best[name] = min(best[name], time.perf_counter() - t)
-    return best["fp32"] / best["bf16"]
+                    seconds.append(time.perf_counter() - t)
+            ratios.append(seconds[0] / seconds[1])
+    return float(np.median(ratios))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

@@ -213,6 +213,8 @@ def featurize_products(
 ) -> dict[str, Any]:
     """Visual features of ``todo``'s images into the warehouse's cache, batch by batch through the task runner;
     an image already there (same sha256, same backbone) is not recomputed. Nothing to do for a text-only model."""
+    if todo.num_rows == 0:  # a run with nothing changed does not even load the model
+        return {"products": 0, "computed": 0, "cached": 0}
     if not load_enricher(ref).use_image:
         return {"products": todo.num_rows, "computed": 0, "cached": 0, "note": "text-only model"}
     if ref.visual_cache_root is None:
