@@ -265,7 +265,11 @@ class JaveEnricher:
         loaded = [(sha, px) for sha, px in self._map(load, shas) if px is not None]
         if not loaded:
             return {}
-        glob, regions = self.image_encoder(torch.stack([px for _, px in loaded]))  # (N, Dv), (N, R, Dv)
+        # filled in numpy: a plain copy, where torch.stack's intra-op threads only add barriers (see _cached_visuals)
+        pixels = np.empty((len(loaded), *loaded[0][1].shape), np.float32)
+        for i, (_, px) in enumerate(loaded):
+            pixels[i] = px.numpy()
+        glob, regions = self.image_encoder(torch.from_numpy(pixels))  # (N, Dv), (N, R, Dv)
         glob, regions = glob.astype(np.float16), regions.astype(np.float16)
         out = {sha: (glob[i], regions[i]) for i, (sha, _) in enumerate(loaded)}
         if self.visual_store is not None:

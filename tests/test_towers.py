@@ -193,3 +193,22 @@ def test_embed_many_is_embed_in_input_order_whatever_the_batching():
     for batch_size in (1, 3, 64):  # sorted by length inside: other batches, other padding, same vectors
         np.testing.assert_allclose(tower.embed_many(texts, batch_size), one_by_one, atol=1e-5)
     assert tower.embed_many([], 8).shape == (0, tower.hidden_size)
+
+
+def test_preprocess_equals_timms_eval_transform():
+    """The numpy to-tensor + normalise gives exactly what timm's own transform gives (any size, any mode)."""
+    import numpy as np
+    from timm.data import create_transform
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (300, 500, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 255, (90, 60), dtype=np.uint8)),  # grayscale, smaller than the crop
+        Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8), mode="RGBA"),
+    ]
+    tower = ImageTower(tiny=True)
+    ours = tower.preprocess(images)
+    timm_t = create_transform(**tower.data_config, is_training=False)
+    ref = torch.stack([timm_t(im.convert("RGB")) for im in images])
+    assert tower._pil_steps is not None  # the numpy path ran, not the fallback
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)
