@@ -35,7 +35,10 @@ Pretraining tasks (``encoder_loss``):
   encoders from gaming the weights (making a pair look "easy" to shed its loss).
 
 ``pair_contrastive_loss`` fine-tunes on labelled match pairs (supervised contrastive: a match is pulled together
-against the batch's other products as negatives; a labelled non-match is pushed below a margin).
+against the batch's other products as negatives; a labelled non-match is pushed below a margin). That alone leaves
+the product vector poor at finding matches (pair F1 0.19 on Abt-Buy); ``EncoderConfig.text_skip`` (the ``matching``
+preset) adds the text tower's own pooled embedding to it, so that SupCon fine-tuning of the tower on the labelled
+pairs' clusters (features/supcon.py, ``EncoderTrainConfig.supcon_epochs``) reaches the product vector.
 """
 
 from __future__ import annotations
@@ -75,6 +78,11 @@ class EncoderConfig:
         mask_prob: share of text tokens, regions/frames and entities masked in pretraining.
         temperature: InfoNCE temperature.
         pair_weight_reg: λ of the KL(w ‖ uniform) term on the self-harmonized pair weights.
+        text_skip: weight s of the text tower's own mean-pooled, normalised embedding in the product vector,
+            ``normalize((1 - s)·head([PRODUCT]) + s·text)``; 0 keeps the co-transformer's vector alone. With s > 0
+            a text similarity taught by SupCon fine-tuning (``EncoderTrainConfig.supcon_epochs``) reaches the
+            product vector through this skip instead of having to survive the co-transformer. Needs ``out_dim``
+            equal to the text tower's width (384 for all-MiniLM-L6-v2): see the ``matching`` preset.
     """
 
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -90,10 +98,13 @@ class EncoderConfig:
     mask_prob: float = 0.15
     temperature: float = 0.07
     pair_weight_reg: float = 1.0
+    text_skip: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
             raise ValueError(f"EncoderConfig.dim ({self.dim}) is not a multiple of heads ({self.heads})")
+        if not 0.0 <= self.text_skip <= 1.0:
+            raise ValueError(f"EncoderConfig.text_skip ({self.text_skip}) must lie in [0, 1]")
 
 
 # -------------------------------------------------------------------------------------------------------- batches
@@ -311,6 +322,11 @@ class ProductEncoder(nn.Module):
         self.entity_head = nn.Linear(d, d)
         self.pair_scorer = PairScorer(cfg.out_dim)
         nn.init.normal_(self.product_token, std=0.02)
+        if cfg.text_skip and cfg.out_dim != self.text_tower.hidden_size:
+            raise ValueError(
+                f"EncoderConfig.text_skip needs out_dim ({cfg.out_dim}) equal to the text tower's width "
+                f"({self.text_tower.hidden_size}): set out_dim={self.text_tower.hidden_size} or text_skip=0"
+            )
 
     # -- unimodal encoders
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -350,7 +366,8 @@ class ProductEncoder(nn.Module):
             t_sel = _random_mask(text_mask & ~special, cfg.mask_prob, generator)
             input_ids = input_ids.masked_fill(t_sel, self.tokenizer.mask_token_id)
             out["mlm_labels"] = batch.input_ids[t_sel]
-        text = self.encode_text(input_ids, batch.attention_mask)
+        states = self.text_tower(input_ids, batch.attention_mask)  # (B, T, Dt)
+        text = self.text_proj(states)  # (B, T, D), as encode_text
         table = self.encode_table(batch.key_ids, batch.value_ids)
         regions, frames = batch.regions, batch.frames
         if masked:
@@ -374,6 +391,9 @@ class ProductEncoder(nn.Module):
         pooled = torch.stack([mean_pool(p, m) for p, m in zip(parts, masks, strict=True)], 1)  # (B, 4, D)
         modality = torch.stack([F.normalize(h(pooled[:, i]), dim=-1) for i, h in enumerate(self.modality_heads)], 1)
         product = F.normalize(self.product_head(fused[:, 0]), dim=-1)
+        if cfg.text_skip:
+            skip = F.normalize(mean_pool(states, batch.attention_mask), dim=-1)  # (B, Dt = out_dim)
+            product = F.normalize((1 - cfg.text_skip) * product + cfg.text_skip * skip, dim=-1)
         if masked:
             starts = np.cumsum([1] + [p.shape[1] for p in parts])
             seg = [fused[:, s : s + p.shape[1]] for s, p in zip(starts[:-1], parts, strict=True)]
@@ -419,6 +439,12 @@ def tiny() -> EncoderConfig:
 def default() -> EncoderConfig:
     """all-MiniLM-L6-v2 text tower (fine-tuned) over cached frozen EfficientNet-Lite0 features (1280-d)."""
     return EncoderConfig(text=TextTowerConfig(max_length=128), visual_dim=1280)
+
+
+def matching() -> EncoderConfig:
+    """``default`` with 384-d vectors and the text skip (``text_skip=0.5``), for SupCon fine-tuning on labelled
+    match pairs (``EncoderTrainConfig.supcon_epochs``). s = 0.5 is a starting point, not a measured optimum."""
+    return replace(default(), out_dim=384, text_skip=0.5)
 
 
 # --------------------------------------------------------------------------------------------------------- losses

@@ -6,6 +6,13 @@ region/frame features, masked entities, self-harmonized inter-modality contrasti
 epoch by supervised fine-tuning on labelled match pairs (``pair_contrastive_loss``). AdamW with a lower learning
 rate for the pretrained text tower; no weight decay on 1-d tensors.
 
+With labelled pairs and ``supcon_epochs`` > 0, the text tower is first fine-tuned alone with the supervised
+contrastive loss on the record clusters the pairs define (``features/supcon.py``, after R-SupCon, Peeters & Bizer
+2022), on the same (title, description) input the encoder gives it, then frozen for the rest of training
+(``supcon_freeze_tower``) so that pretraining does not wash the learned similarity out. The product vector reaches
+that similarity only through ``EncoderConfig.text_skip`` (the ``matching`` preset): the co-transformer's [PRODUCT]
+token alone does not keep it (pair F1 0.19 on Abt-Buy without).
+
 Held-out check each epoch, the standard one for self-supervised retrieval encoders: for every modality pair (m, n)
 with products having both, each such product's m-vector queries the n-vectors of all validation products, and
 Recall@1/5/10 and mAP@10 of finding the same product are averaged over pairs and both directions
@@ -73,6 +80,9 @@ class EncoderTrainConfig:
         checkpoint_dir: where ``best.safetensors`` and ``config.json`` go; None keeps nothing on disk.
         patience: stop after this many epochs without a better ``val_recall_at_10``; 0 never stops early.
         pair_weight: weight of ``pair_contrastive_loss`` when labelled pairs are given.
+        supcon_epochs: epochs of SupCon fine-tuning of the text tower on the labelled pairs' clusters before
+            pretraining (at ``tower_lr``, the encoder's temperature); 0 skips it.
+        supcon_freeze_tower: freeze the text tower after SupCon fine-tuning.
     """
 
     epochs: int = 10
@@ -86,6 +96,8 @@ class EncoderTrainConfig:
     checkpoint_dir: str | None = None
     patience: int = 3
     pair_weight: float = 1.0
+    supcon_epochs: int = 0
+    supcon_freeze_tower: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -297,10 +309,48 @@ def train_encoder(
         torch.set_num_threads(threads)
 
 
+def supcon_text_tower(model: ProductEncoder, pairs: Sequence[Pair], cfg: EncoderTrainConfig) -> dict[str, float]:
+    """SupCon fine-tuning of ``model.text_tower`` on the clusters of labelled ``pairs`` (``features/supcon.py``).
+
+    Records are the pairs' rows by ``product_id``, fed as (title, description), as ``collate`` feeds the tower.
+    Returns ``train_supcon`` (the last epoch's mean loss) and ``supcon_seconds``.
+    """
+    from features.supcon import SupConConfig, SupConTuner, clusters_from_pairs
+
+    rows: dict[str, Mapping] = {}
+    for a, b, _ in pairs:
+        for r in (a, b):
+            if r.get("product_id") is None:
+                raise ValueError(f"SupCon fine-tuning needs product_id on every paired row; got {dict(r)!r:.120}")
+            rows[str(r["product_id"])] = r
+    ids = sorted(rows)
+    cluster = clusters_from_pairs(ids, ((str(a["product_id"]), str(b["product_id"]), y) for a, b, y in pairs))
+    index = {pid: i for i, pid in enumerate(ids)}
+    negatives: dict[int, list[int]] = defaultdict(list)
+    for a, b, y in pairs:
+        if not int(y):
+            i, j = index[str(a["product_id"])], index[str(b["product_id"])]
+            negatives[i].append(j)
+            negatives[j].append(i)
+    text = model.cfg.text
+    sc = SupConConfig(text=text, max_length=text.max_length, epochs=cfg.supcon_epochs,
+                      batch_size=max(cfg.batch_size, 8), lr=cfg.tower_lr, temperature=model.cfg.temperature,
+                      seed=cfg.seed)  # fmt: skip
+    tuner = SupConTuner(sc, tower=model.text_tower)
+    texts = [(rows[i].get("title") or "", rows[i].get("description") or "") for i in ids]
+    result = tuner.fit(texts, [cluster[i] for i in ids], negatives=dict(negatives), log=None)
+    return {"train_supcon": float(result.history[-1]["loss"]), "supcon_seconds": result.seconds}
+
+
 def _train(model, train_rows, val_rows, cfg, regions, frames, pairs, val_pairs, on_epoch) -> EncoderTrainResult:
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
     ddp = distributed.current()  # rank 0 of 1 outside torchrun
+    supcon: dict[str, float] = {}
+    if pairs and cfg.supcon_epochs:  # every rank alike; DDP then starts all from rank 0's weights
+        supcon = supcon_text_tower(model, pairs, cfg)
+        if cfg.supcon_freeze_tower:
+            model.text_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, cfg))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # the masking draws
     objective = distributed.wrap(_Objective(model, generator), ddp)  # DDP averages the gradients under torchrun
@@ -357,6 +407,7 @@ def _train(model, train_rows, val_rows, cfg, regions, frames, pairs, val_pairs, 
         held_out = retrieval_metrics(model, val_rows, val_pairs=val_pairs, regions=regions, frames=frames) if (
             ddp.is_main) else None  # fmt: skip
         metrics |= distributed.broadcast_object(held_out, ddp)
+        metrics |= supcon
         history.append({"epoch": float(epoch), **metrics})
         if _better(metrics, best):
             best, best_epoch, stale = metrics, epoch, 0

@@ -8,8 +8,9 @@ Language Models").
   of similar length (dynamic padding wastes little). MixDA augmentation is left out.
 - ``HybridMatcher``: gradient-boosted trees on cheap pair features (``PairFeatures``: frozen-tower cosine of the
   records and of the titles, TF-IDF word and character n-gram cosines, token Jaccard, overlap and containment of
-  "code" tokens, price ratio), optionally blended with a cross-encoder's score (blend weight and threshold chosen on
-  validation pairs). Product matching hinges on model numbers, which the features compare exactly.
+  "code" tokens, price ratio; optionally the cosine of a SupCon-fine-tuned tower, features/supcon.py), optionally
+  blended with a cross-encoder's score (blend weight and threshold chosen on validation pairs). Product matching
+  hinges on model numbers, which the features compare exactly.
 - ``cosine_scores``: the bi-encoder baseline, cosine of the tower's mean-pooled embeddings of each record.
 """
 
@@ -316,6 +317,7 @@ FEATURES: tuple[str, ...] = (
     "title_codes_found_max",  # the higher side (a short listing's title codes inside a long description)
     "price_ratio",  # min / max price, NaN when a price is missing
     "length_ratio",  # shorter / longer record, in words
+    "supcon_cosine",  # cosine of a SupCon-fine-tuned tower (features/supcon.py); NaN (dropped) without one
 )
 
 
@@ -325,13 +327,22 @@ class PairFeatures:
     ``fit`` learns the TF-IDF vocabularies and IDF from records (text only, no labels): fit it on every record that
     will be matched, or the model numbers of unseen records fall out of the vocabulary. Embeddings of each distinct
     record text are cached, so a record in many pairs is embedded once. Without a tower the two cosine features are
-    NaN (the trees route them as missing).
+    NaN (the trees route them as missing); so is ``supcon_cosine`` without ``supcon``, a function from serialized
+    records to normalised vectors (N, D) such as ``SupConTuner.embed``. A tower fine-tuned on the training pairs
+    scores those pairs better than unseen ones: compare with and without the feature on validation pairs.
     """
 
-    def __init__(self, tower: TextTower | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        tower: TextTower | None = None,
+        batch_size: int = 64,
+        supcon: Callable[[Sequence[str]], np.ndarray] | None = None,
+    ) -> None:
         self.tower = tower
         self.batch_size = batch_size
+        self.supcon = supcon
         self._cache: dict[str, np.ndarray] = {}
+        self._supcon_cache: dict[str, np.ndarray] = {}
         self.word_tfidf = self.char_tfidf = None
 
     def fit(self, rows: Iterable[Mapping]) -> PairFeatures:
@@ -352,6 +363,13 @@ class PairFeatures:
                 self._cache[t] = v
         return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
 
+    def embed_supcon(self, texts: Sequence[str]) -> np.ndarray:
+        """(N, D) vectors of the ``supcon`` function, cached per text."""
+        missing = sorted({t for t in texts if t not in self._supcon_cache})
+        if missing:
+            self._supcon_cache.update(zip(missing, self.supcon(missing), strict=True))
+        return np.stack([self._supcon_cache[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
+
     def __call__(self, pairs: Sequence[Pair]) -> np.ndarray:
         """Features (P, len(FEATURES)) float32."""
         if self.word_tfidf is None:
@@ -368,6 +386,8 @@ class PairFeatures:
             lt = [str(a.get("title") or "") for a, _ in pairs]
             rt = [str(b.get("title") or "") for _, b in pairs]
             out[:, col["title_cosine"]] = (self.embed(lt) * self.embed(rt)).sum(1)
+        if self.supcon is not None:
+            out[:, col["supcon_cosine"]] = (self.embed_supcon(left) * self.embed_supcon(right)).sum(1)
         for name, vec in (("tfidf_word", self.word_tfidf), ("tfidf_char", self.char_tfidf)):
             a, b = vec.transform(left), vec.transform(right)  # rows L2-normalised
             out[:, col[name]] = np.asarray(a.multiply(b).sum(1)).ravel()

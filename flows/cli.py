@@ -292,7 +292,9 @@ def train_jave_cmd(
 @_friendly
 def train_encoder_cmd(
     source: Annotated[str | None, typer.Option(help="Only products from this source (default: all).")] = None,
-    preset: Annotated[str, typer.Option(help="default (pretrained text tower) | tiny (tests)")] = "default",
+    preset: Annotated[
+        str, typer.Option(help="default (pretrained text tower) | matching (text skip, for --supcon-epochs) | tiny")
+    ] = "default",
     epochs: int = 5,
     batch_size: int = 32,
     max_train: int | None = None,
@@ -301,6 +303,9 @@ def train_encoder_cmd(
     register: bool = True,
     warehouse: WarehouseOpt = None,
     nproc: NprocOpt = 1,
+    supcon_epochs: Annotated[
+        int, typer.Option(help="SupCon epochs on the warehouse's labelled train pairs first (0: none)")
+    ] = 0,
 ) -> None:
     """Self-supervised M5Product-style encoder on the catalog; registered as `product-encoder`."""
     _env_defaults()
@@ -309,7 +314,8 @@ def train_encoder_cmd(
     from flows.train_encoder import train_encoder
 
     s = train_encoder(source=source, preset=preset, epochs=epochs, batch_size=batch_size, max_train=max_train,
-                      max_steps=max_steps, seed=seed, register_model=register, warehouse_root=warehouse)  # fmt: skip
+                      max_steps=max_steps, seed=seed, register_model=register, warehouse_root=warehouse,
+                      supcon_epochs=supcon_epochs)  # fmt: skip
     console.print_json(data=s, default=str)
     _ddp_end()
 

@@ -14,6 +14,12 @@ a run with N > 1 processes keeps its own checkpoint folder (``...-ddpN``).
 
 Visual features are not read here (text and spec table only): the warehouse keeps no cached region/frame features
 yet; ``features.encoder_train.train_encoder`` takes them when it does.
+
+``supcon_epochs`` > 0 (``enrich train encoder --preset matching --supcon-epochs 3``) reads the warehouse's labelled
+``train*`` pairs whose two products are both among the training rows (``enrich import ditto`` writes them), fine-tunes
+the text tower on them with SupCon first (features/supcon.py) and then fine-tunes the product vector on them each
+epoch (``pair_contrastive_loss``); the ``matching`` preset's text skip carries the SupCon similarity into the
+product vector that ``enrich dedupe --method encoder`` uses.
 """
 
 from __future__ import annotations
@@ -62,14 +68,16 @@ class CatalogSplit:
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     products_version: int  # the warehouse version these rows were read at (lineage)
+    pairs: list[tuple[dict[str, Any], dict[str, Any], int]] = dataclasses.field(default_factory=list)  # labelled
 
 
 def _arch(preset: str):
     from features import encoder
 
-    if preset not in ("default", "tiny"):
-        raise ValueError(f"unknown preset {preset!r}; use 'default' or 'tiny'")
-    return encoder.tiny() if preset == "tiny" else encoder.default()
+    presets = {"default": encoder.default, "tiny": encoder.tiny, "matching": encoder.matching}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; use one of {sorted(presets)}")
+    return presets[preset]()
 
 
 @task(cache_policy=NO_CACHE)  # the rows are read fresh: the warehouse moves on
@@ -92,6 +100,29 @@ def load_catalog(wh: Warehouse, run: EncoderRunConfig) -> CatalogSplit:
     for r in rows:
         (val if _in_validation(r["product_id"], run.val_fraction) else train).append(r)
     return CatalogSplit(_subsample(train, run.max_train), val, version)
+
+
+@task(cache_policy=NO_CACHE)
+def load_train_pairs(wh: Warehouse, data: CatalogSplit) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """The warehouse's labelled ``train*`` pairs whose two products are both training rows, as (row, row, label).
+
+    Every training split counts (WDC's ``train_small`` … ``train_xlarge`` alike); validation and test splits never.
+    """
+    if not wh.exists("pairs"):
+        raise LookupError(
+            f"no labelled pairs in {wh.root}; SupCon fine-tuning needs some: import a dataset that has them "
+            f"(`enrich import ditto <folder>`) or pass supcon_epochs=0"
+        )
+    rows = {r["product_id"]: r for r in data.train}
+    found = wh.sql("SELECT left_id, right_id, label FROM pairs WHERE split LIKE 'train%' ORDER BY 1, 2").to_pylist()
+    pairs = [(rows[p["left_id"]], rows[p["right_id"]], int(p["label"])) for p in found
+             if p["left_id"] in rows and p["right_id"] in rows]  # fmt: skip
+    if not any(y for *_, y in pairs):
+        raise LookupError(
+            f"none of the {len(found)} labelled train pairs in {wh.root} is a match between two training rows of "
+            f"this source; SupCon needs matches: check --source or pass supcon_epochs=0"
+        )
+    return pairs
 
 
 def _eval_set_id(source: str | None, rows: list[dict[str, Any]]) -> str:
@@ -204,7 +235,7 @@ def train_worker(run: EncoderRunConfig, train_cfg: Any, data: CatalogSplit, chec
     from features.encoder_train import train_encoder as fit
 
     _, cfg, model = _prepare(run, train_cfg, data, checkpoint_root)
-    fit(model, data.train, data.validation, cfg)
+    fit(model, data.train, data.validation, cfg, pairs=data.pairs or None)
 
 
 def train_one(
@@ -222,6 +253,8 @@ def train_one(
     logger = get_run_logger()
     started = time.perf_counter()
     data = load_catalog(wh, run)
+    if train_cfg.supcon_epochs:
+        data.pairs = load_train_pairs(wh, data)
     job = {"run": run, "train_cfg": train_cfg, "data": data, "checkpoint_root": checkpoint_root}
     distributed.send_job(train_worker, **job)  # under torchrun: the other ranks train with us (no-op otherwise)
     ckpt, train_cfg, model = _prepare(**job)
@@ -234,7 +267,7 @@ def train_one(
                                                "train."))  # fmt: skip
         mlflow.log_params(tracking.flat_params(dataclasses.asdict(arch), "model."))
         mlflow.log_params({"data.products_version": data.products_version, "data.train": len(data.train),
-                           "data.validation": len(data.validation)})  # fmt: skip
+                           "data.validation": len(data.validation), "data.pairs": len(data.pairs)})  # fmt: skip
         mlflow.set_tags({"source": run.source or "all", "warehouse": wh.root, "kind": "product-encoder"})
         ddp = distributed.current()
         if ddp.enabled:
@@ -245,7 +278,7 @@ def train_one(
             mlflow.log_metrics(clean, step=epoch)
             logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in clean.items() if "-" not in k[4:]})
 
-        result = fit(model, data.train, data.validation, train_cfg, on_epoch=on_epoch)
+        result = fit(model, data.train, data.validation, train_cfg, pairs=data.pairs or None, on_epoch=on_epoch)
         best = result.best_metrics
         mlflow.log_metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
@@ -278,14 +311,17 @@ def train_encoder(
     experiment: str = EXPERIMENT,
     register_model: bool = True,
     checkpoint_root: str = "data/checkpoints",
+    supcon_epochs: int = 0,
 ) -> dict[str, Any]:
-    """Pretrain the product encoder on the warehouse's products (all, or those of dataset ``source``)."""
+    """Pretrain the product encoder on the warehouse's products (all, or those of dataset ``source``); with
+    ``supcon_epochs`` > 0 also fine-tune it on the warehouse's labelled train pairs (SupCon, then pair loss)."""
     from features.encoder_train import EncoderTrainConfig
 
     wh = Warehouse(warehouse_root)
     run = EncoderRunConfig(source=source, preset=preset, max_train=max_train)
     cfg = EncoderTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, tower_lr=tower_lr, patience=patience,
-                             seed=seed, max_steps=max_steps, num_threads=distributed.threads_per_process())  # fmt: skip
+                             seed=seed, max_steps=max_steps, num_threads=distributed.threads_per_process(),
+                             supcon_epochs=supcon_epochs)  # fmt: skip
     summary = train_one(run, cfg, wh=wh, experiment=experiment, register=register_model,
                         checkpoint_root=checkpoint_root)  # fmt: skip
     row = {"source": source or "all", **summary["validation"], "epochs": summary["epochs_run"],
