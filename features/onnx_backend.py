@@ -93,13 +93,18 @@ def _quantize(model_bytes: bytes, keep_fp32: Sequence[str] = ()) -> bytes:
 
     graph = onnx.load_from_string(model_bytes).graph
     keep = [n.name for n in graph.node if n.op_type == "MatMul" and any(re.search(p, n.name) for p in keep_fp32)]
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # the quantizer's preprocess advice
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        src.write_bytes(model_bytes)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=keep)  # fmt: skip
-        return dst.read_bytes()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # the quantizer logs its preprocess advice on the root logger
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+            src.write_bytes(model_bytes)
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], nodes_to_exclude=keep)  # fmt: skip
+            return dst.read_bytes()
+    finally:
+        root.setLevel(level)
 
 
 def exported(
@@ -122,8 +127,10 @@ def exported(
     if int8:
         suffix = "-int8" + (f"-{hashlib.sha256(repr(tuple(keep_fp32)).encode()).hexdigest()[:8]}" if keep_fp32 else "")
     path = (root or cache_dir()) / f"{key}{suffix}.onnx"
-    if path.exists():
-        return path
+    fallback = Path(tempfile.gettempdir()) / "enrich-onnx" / path.name  # when the cache cannot be written
+    for done in (path, fallback):
+        if done.exists():
+            return done
     was_training = module.training
     module.eval()
     try:
@@ -137,7 +144,6 @@ def exported(
     try:
         atomic_write(fsspec.filesystem("file"), str(path), data, local=True)
     except OSError as err:  # a read-only cache (e.g. a container's): this process keeps its own copy
-        fallback = Path(tempfile.gettempdir()) / "enrich-onnx" / path.name
         log.warning("cannot write %s (%s); using %s. Set ENRICH_ONNX_CACHE to a writable folder", path, err, fallback)
         atomic_write(fsspec.filesystem("file"), str(fallback), data, local=True)
         return fallback
