@@ -407,13 +407,18 @@ def dedupe_cmd(
     max_cluster_size: int = 50,
     full: Annotated[bool, typer.Option("--full", help="Recompute everything instead of incrementally.")] = False,
     precision: EmbedPrecisionOpt = "fp32",
+    exact_max: Annotated[int, typer.Option(min=2, help="Exact search up to this many products, IVF beyond.")] = 50_000,
+    target_recall: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="IVF: raise nprobe until the top-k recall (sampled) reaches this.")
+    ] = 0.99,
 ) -> None:
     """Embed products, find duplicate pairs (faiss top-k + threshold) and cluster them."""
     _env_defaults()
     from flows.dedupe import dedupe
 
     summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
-                     max_cluster_size=max_cluster_size, full=full, precision=precision)  # fmt: skip
+                     max_cluster_size=max_cluster_size, full=full, precision=precision, exact_max=exact_max,
+                     target_recall=target_recall)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -496,6 +501,9 @@ def nightly(
     k: int = 10,
     threshold: Annotated[float, typer.Option(help="Duplicate threshold when no labelled pairs choose one.")] = 0.9,
     batch_size: int = 256,
+    commit_rows: Annotated[
+        int, typer.Option(min=1, help="Products per Delta commit of predictions / embeddings (or every 30 s).")
+    ] = 4096,
     train_if_missing: Annotated[bool, typer.Option(help="Train small models when there is no @champion.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     precision: PrecisionOpt = "auto",
@@ -515,8 +523,8 @@ def nightly(
 
     params = dict(catalog=catalog, source=source, mapping=_mapping(mapping), media=media, warehouse_root=warehouse,
                   dedupe_method=dedupe_method, k=k, threshold=threshold, batch_size=batch_size,
-                  train_if_missing=train_if_missing, device=device, precision=precision, backend=backend,
-                  embed_precision=embed_precision, runner=runner,
+                  commit_rows=commit_rows, train_if_missing=train_if_missing, device=device, precision=precision,
+                  backend=backend, embed_precision=embed_precision, runner=runner,
                   dask_address=dask_address, dask_workers=dask_workers, lock=lock, wait_s=wait_s)  # fmt: skip
     try:
         summary = nightly_flow(**params, resume=resume)

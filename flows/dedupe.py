@@ -7,8 +7,10 @@ Per run:
 2. the top-k neighbour graph (``knn_graph``): built once, then updated incrementally — only new/changed products
    (and old ones whose list held a changed product) are searched against the index; every other list only checks
    whether a new vector enters it (``features.similarity.update_graph``, equal to a full recompute with an exact
-   index). Exact inner product up to ``exact_max`` products, IVF beyond, with its recall against exact measured on
-   a sample and reported;
+   index). Exact inner product up to ``exact_max`` products (50k); beyond, IVF whose ``nprobe`` is raised until the
+   self-join's recall@k against exact search, measured on a sample, reaches ``target_recall`` (0.99); the recall
+   and nprobe are reported. An incremental run on an IVF graph re-searches the changed lists through a fresh IVF
+   index over the updated vectors;
 3. pairs scoring at least the threshold (chosen on labelled validation pairs when the warehouse has them for this
    source, else the given one) -> ``duplicates``; connected components with a cap against giant chained clusters
    -> ``clusters`` (both derived from the graph and rewritten in one commit each).
@@ -169,14 +171,22 @@ def _threshold(wh: Warehouse, source: str | None, ids: np.ndarray, vectors: np.n
 
 
 def embed_products(
-    wh: Warehouse, ref: EmbedderRef, products: pa.Table, *, full: bool = False, batch_size: int = 512, window: int = 1
+    wh: Warehouse,
+    ref: EmbedderRef,
+    products: pa.Table,
+    *,
+    full: bool = False,
+    batch_size: int = 512,
+    window: int = 1,
+    commit_rows: int = 8192,
+    commit_seconds: float = 30.0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Vectors of every product in ``products`` -> ({product_id: vector}, how many were embedded now).
 
     Products whose current content this model version already embedded keep their stored vector; the others are
-    embedded batch by batch through the flow's task runner and merged into ``embeddings`` one batch per commit
-    (a run stopped halfway keeps what it finished)."""
-    from flows.enrich import submit_windowed
+    embedded batch by batch through the flow's task runner and merged into ``embeddings`` in groups of
+    ``commit_rows`` products or ``commit_seconds`` of work (a run stopped halfway keeps every group it committed)."""
+    from flows.enrich import CommitGroups, submit_windowed
 
     logger = get_run_logger()
     hashes = dict(zip(products.column("product_id").to_pylist(), products.column("content_hash").to_pylist(),
@@ -186,13 +196,16 @@ def embed_products(
         old = wh.sql(
             "SELECT product_id, vector, content_hash FROM embeddings WHERE model_name = "
             f"'{ref.name}' AND model_version = '{ref.version}'"
-        ).to_pylist()
-        known = {r["product_id"]: np.asarray(r["vector"], np.float32) for r in old if hashes.get(r["product_id"]) ==
-                 r["content_hash"]}  # fmt: skip
+        )
+        vecs = _vector_matrix(old.column("vector"))
+        known = {pid: vecs[i] for i, (pid, h) in enumerate(zip(old.column("product_id").to_pylist(),
+                 old.column("content_hash").to_pylist(), strict=True)) if hashes.get(pid) == h}  # fmt: skip
     todo = [i for i, pid in enumerate(hashes) if pid not in known]
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
+    commits = CommitGroups(lambda groups: wh.merge("embeddings", pa.concat_tables(groups)), commit_rows,
+                           commit_seconds)  # fmt: skip
     for (_, sliced), vectors in submit_windowed(embed_batch, batches, window):
         batch = sliced.to_pylist()
         now = datetime.now(UTC)
@@ -202,12 +215,29 @@ def embed_products(
             "content_hash": [r["content_hash"] for r in batch], "model_name": [ref.name] * n,
             "model_version": [ref.version] * n, "mlflow_run_id": [ref.run_id] * n, "embedded_at": [now] * n,
         })  # fmt: skip
-        wh.merge("embeddings", emb.cast(schema.EMBEDDINGS))
+        commits.add(emb.cast(schema.EMBEDDINGS), n)
         for r, v in zip(batch, vectors, strict=True):
             known[r["product_id"]] = np.asarray(v, np.float32)
         done += n
         logger.info("embedded %d / %d products", done, rows.num_rows)
+    commits.flush()
     return known, done
+
+
+def _vector_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float32> column of equal-length vectors -> (N, D) float32, without a Python object per value."""
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(arr) == 0:
+        return np.zeros((0, 0), np.float32)
+    if arr.null_count:
+        raise ValueError(f"{arr.null_count} stored vectors are null; rerun `enrich dedupe --full` to re-embed them")
+    if not isinstance(arr, pa.FixedSizeListArray):
+        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
+        if (lengths != lengths[0]).any():
+            raise ValueError(
+                f"stored vectors have lengths {sorted(set(lengths.tolist()))}; rerun `enrich dedupe --full`"
+            )
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), -1)
 
 
 def _stored_graph(wh: Warehouse, label: str):
@@ -216,20 +246,26 @@ def _stored_graph(wh: Warehouse, label: str):
 
     if not wh.exists("knn_graph"):
         return None, {}
-    g = wh.sql(f"SELECT * FROM knn_graph WHERE model_version = '{label}'").to_pylist()
-    if not g:
+    import pyarrow.compute as pc
+
+    g = wh.sql(f"SELECT product_id, neighbors, scores, content_hash FROM knn_graph WHERE model_version = '{label}'")
+    if g.num_rows == 0:
         return None, {}
-    old_ids = [r["product_id"] for r in g]
-    pos = {pid: i for i, pid in enumerate(old_ids)}
-    kk = max(len(r["neighbors"]) for r in g)
-    nb = np.full((len(g), kk), -1, np.int64)
-    sc = np.full((len(g), kk), -np.inf, np.float32)
-    for i, r in enumerate(g):
-        nb[i, : len(r["neighbors"])] = [pos.get(n, -1) for n in r["neighbors"]]
-        sc[i, : len(r["scores"])] = r["scores"]
-    return NeighborGraph(ids=np.array(old_ids, dtype=object), neighbors=nb, scores=sc), {
-        r["product_id"]: r.get("content_hash") for r in g
-    }
+    old_ids = g.column("product_id").combine_chunks()
+    nbrs = g.column("neighbors").combine_chunks()
+    lengths = nbrs.value_lengths().to_numpy(zero_copy_only=False)
+    kk = int(lengths.max())
+    row = np.repeat(np.arange(g.num_rows), lengths)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    pos = pc.index_in(nbrs.flatten(), value_set=old_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+    nb = np.full((g.num_rows, kk), -1, np.int64)
+    sc = np.full((g.num_rows, kk), -np.inf, np.float32)
+    nb[row, col] = pos
+    sc[row, col] = g.column("scores").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    ids = old_ids.to_pylist()
+    return NeighborGraph(ids=np.array(ids, dtype=object), neighbors=nb, scores=sc), dict(
+        zip(ids, g.column("content_hash").to_pylist(), strict=True)
+    )
 
 
 def find_duplicates(
@@ -241,19 +277,20 @@ def find_duplicates(
     source: str | None = None,
     k: int = 10,
     threshold: float = 0.9,
-    exact_max: int = 200_000,
+    exact_max: int = 50_000,
+    target_recall: float = 0.99,
     max_cluster_size: int = 50,
     full: bool = False,
 ) -> dict[str, Any]:
     """The top-k graph (updated incrementally when one of this model version exists), then pairs over the threshold
     -> ``duplicates`` and guarded connected components -> ``clusters``."""
     from features.similarity import (
+        _is_exact,
         build_index,
         cluster,
         cluster_size_distribution,
         knn_graph,
-        recall_at_k,
-        search,
+        tune_nprobe,
         update_graph,
     )
 
@@ -263,8 +300,19 @@ def find_duplicates(
     hashes = dict(zip(ids.tolist(), products.column("content_hash").to_pylist(), strict=True))
     vectors = np.stack([known[pid] for pid in ids.tolist()]).astype(np.float32)
 
+    def index_for(x: np.ndarray):
+        """Exact up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's recall@k on a
+        sample reaches ``target_recall`` (measured against exact search, reported in the summary)."""
+        index = build_index(x, exact_max=exact_max)
+        if not _is_exact(index):
+            ann["nprobe"], ann["recall"] = tune_nprobe(index, x, k, target_recall=target_recall)
+        return index
+
+    ann: dict[str, Any] = {"nprobe": None, "recall": None}
     graph, mode = None, "full"
-    old_graph, searched_with = (None, {}) if full or len(ids) > exact_max else _stored_graph(wh, ref.label)
+    old_graph, searched_with = (None, {}) if full else _stored_graph(wh, ref.label)
+    if old_graph is not None and old_graph.neighbors.shape[1] != min(k, len(ids) - 1):
+        old_graph = None  # k changed: the stored lists cannot be extended incrementally
     if old_graph is not None:
         # re-search what is new or changed since the graph was built (by content hash, not by what this run
         # embedded: a run stopped between the embeddings and the graph write leaves changed vectors behind)
@@ -274,23 +322,11 @@ def find_duplicates(
         old_vec = np.stack([known[p] if p in known else np.zeros(vectors.shape[1], np.float32) for p in old_ids])
         new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros((0, vectors.shape[1]),
                                                                                                np.float32)  # fmt: skip
-        graph, _ = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed)
+        graph, _ = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed, index=index_for)
         assert set(graph.ids.tolist()) == set(ids.tolist())
         mode = f"incremental ({len(changed_ids)} re-searched)"
-    recall = None
     if graph is None:
-        index = build_index(vectors, exact_max=exact_max)
-        graph = knn_graph(ids, vectors, k, index=index)
-        if len(ids) > exact_max:  # measure the approximate index against exact on a sample of queries
-            import faiss
-
-            sample = np.random.default_rng(0).choice(len(ids), size=min(2000, len(ids)), replace=False)
-            exact = faiss.IndexFlatIP(vectors.shape[1])
-            exact.add(vectors)
-            _, e = exact.search(vectors[sample], k + 1)
-            _, a = search(index, vectors[sample], k + 1)
-            recall = recall_at_k(a, e)
-
+        graph = knn_graph(ids, vectors, k, index=index_for(vectors))
     thr, thr_how = (threshold, "given")
     if source is not None or wh.exists("pairs"):
         thr, thr_how = _threshold(wh, source, ids, vectors, threshold)
@@ -310,9 +346,10 @@ def find_duplicates(
     clusters = pa.table({"product_id": gids.tolist(), "cluster_id": [first[c] for c in cl.tolist()],
                          "cluster_size": sizes[cl].astype(np.int32), "model_version": [version] * len(gids),
                          "run_id": [run_id] * len(gids)})  # fmt: skip
-    nbr_ids = [[gids[j] for j in row if j >= 0] for row in graph.neighbors]
-    nbr_sc = [[float(s) for s, j in zip(srow, row, strict=True) if j >= 0] for srow, row in
-              zip(graph.scores, graph.neighbors, strict=True)]  # fmt: skip
+    valid = graph.neighbors >= 0  # row-major: each row's neighbours stay in order, best first
+    offsets = pa.array(np.r_[0, np.cumsum(valid.sum(1))].astype(np.int32))
+    nbr_ids = pa.ListArray.from_arrays(offsets, pa.array(gids[graph.neighbors[valid]].tolist(), pa.string()))
+    nbr_sc = pa.ListArray.from_arrays(offsets, pa.array(graph.scores[valid], pa.float32()))
     graph_t = pa.table({"product_id": gids.tolist(), "neighbors": nbr_ids, "scores": nbr_sc,
                         "model_version": [version] * len(gids),
                         "content_hash": [hashes[p] for p in gids.tolist()]})  # fmt: skip
@@ -325,7 +362,8 @@ def find_duplicates(
         "products": int(len(ids)), "graph": mode, "k": k, "threshold": thr, "threshold_from": thr_how,
         "duplicate_pairs": int(len(a)), "clusters": dist["clusters"],
         "non_singleton_clusters": dist["clusters"] - dist["singletons"], "largest_cluster": dist["max"],
-        "cluster_sizes": dist["histogram"], "ann_recall_at_k": recall, "model": version, "run_id": run_id,
+        "cluster_sizes": dist["histogram"], "ann_recall_at_k": ann["recall"], "ann_nprobe": ann["nprobe"],
+        "model": version, "run_id": run_id,
     }  # fmt: skip
 
 
@@ -345,10 +383,11 @@ def dedupe(
     model_version: str | None = None,
     k: int = 10,
     threshold: float = 0.9,
-    exact_max: int = 200_000,
+    exact_max: int = 50_000,
     max_cluster_size: int = 50,
     full: bool = False,
     precision: str = "fp32",
+    target_recall: float = 0.99,
 ) -> dict[str, Any]:
     """Find duplicate products and cluster them; incremental unless ``full``. ``precision``: ``fp32`` | ``int8``
     (the embedder's text tower int8 under ONNX Runtime: ~2x faster on CPU, vectors within ~0.01 cosine)."""
@@ -361,7 +400,7 @@ def dedupe(
         raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")
     known, embedded = embed_products(wh, ref, products, full=full)
     summary = find_duplicates(wh, ref, products, known, source=source, k=k, threshold=threshold, exact_max=exact_max,
-                              max_cluster_size=max_cluster_size, full=full)  # fmt: skip
+                              target_recall=target_recall, max_cluster_size=max_cluster_size, full=full)  # fmt: skip
     summary = {"embedded": embedded, **summary, "seconds": round(time.perf_counter() - started, 2)}
     logger.info("dedupe: %s", summary)
     create_markdown_artifact(key="dedupe-summary", markdown=dedupe_summary_markdown(summary),

@@ -224,24 +224,31 @@ def featurize_stage(
 
 @flow(name="nightly-predict")
 def predict_stage(
-    warehouse_root: str, ref: ModelRef, since: datetime | None, batch_size: int, window: int = 1
+    warehouse_root: str,
+    ref: ModelRef,
+    since: datetime | None,
+    batch_size: int,
+    window: int = 1,
+    commit_rows: int = 4096,
 ) -> dict[str, Any]:
     """Attribute values of the changed products (and of all products when the model version changed)."""
     from flows.enrich import predict_products, products_to_predict
 
     wh = Warehouse(warehouse_root)
     return predict_products(wh, ref, products_to_predict(wh, ref.version, None, True, since=since),
-                            batch_size=batch_size, window=window)  # fmt: skip
+                            batch_size=batch_size, window=window, commit_rows=commit_rows)  # fmt: skip
 
 
 @flow(name="nightly-embed")
-def embed_stage(warehouse_root: str, ref: EmbedderRef, batch_size: int, window: int = 1) -> dict[str, Any]:
+def embed_stage(
+    warehouse_root: str, ref: EmbedderRef, batch_size: int, window: int = 1, commit_rows: int = 8192
+) -> dict[str, Any]:
     """Vectors of new and changed products (the others keep theirs)."""
     from flows.dedupe import _products, embed_products
 
     wh = Warehouse(warehouse_root)
     products = _products(wh, None)
-    _, n = embed_products(wh, ref, products, batch_size=batch_size, window=window)
+    _, n = embed_products(wh, ref, products, batch_size=batch_size, window=window, commit_rows=commit_rows)
     return {"products": products.num_rows, "embedded": n}
 
 
@@ -318,6 +325,7 @@ def nightly(
     k: int = 10,
     threshold: float = 0.9,
     batch_size: int = 256,
+    commit_rows: int = 4096,
     train_if_missing: bool = False,
     train: dict[str, Any] | None = None,
     device: str = "auto",
@@ -343,6 +351,8 @@ def nightly(
         device, precision, backend: where JAVE runs (``cpu`` | ``cuda`` | ``auto``), how (``fp32`` | ``bf16`` |
             ``int8`` | ``auto``) and on what (``torch`` | ``onnx`` | ``auto``: ONNX Runtime for the towers on CPU).
         embed_precision: the dedupe embedder's ``fp32`` | ``int8`` (see `flows.dedupe.resolve_embedder`).
+        batch_size: rows per model batch; ``commit_rows``: about how many products each Delta commit of predictions
+            and embeddings holds (also committed every 30 s; a stopped run redoes at most one group).
         runner: ``default`` (Prefect's thread pool) or ``dask`` (``dask_address``, or a LocalCluster).
         resume: continue the last run if it did not finish (killed or failed); False starts a new one.
         lock: ``auto`` | ``file`` | ``prefect`` | ``none`` (see `nightly_lock`); ``wait_s``: how long to wait for it.
@@ -353,8 +363,8 @@ def nightly(
     wh = Warehouse(warehouse_root)
     source = source or catalog
     params = {"catalog": catalog, "source": source, "dedupe_method": dedupe_method, "k": k, "threshold": threshold,
-              "batch_size": batch_size, "device": device, "precision": precision, "backend": backend,
-              "embed_precision": embed_precision, "runner": runner,
+              "batch_size": batch_size, "commit_rows": commit_rows, "device": device, "precision": precision,
+              "backend": backend, "embed_precision": embed_precision, "runner": runner,
               "dask_workers": dask_workers, "media": media}  # fmt: skip
     with nightly_lock(wh, lock, wait_s) as held:
         logger.info("nightly lock: %s", held)
@@ -397,7 +407,7 @@ def nightly(
             try:
                 _run_stages(wh, rec, catalog=catalog, fmt=fmt, mapping=mapping, media=media, source=source,
                             jave_ref=jave_ref, emb_ref=emb_ref, k=k, threshold=threshold, batch_size=batch_size,
-                            last_ok=last_ok,
+                            commit_rows=commit_rows, last_ok=last_ok,
                             task_runner=_dask_runner(runner, dask_address, dask_workers, stack),
                             workers=dask_workers)  # fmt: skip
             except BaseException as e:
@@ -414,7 +424,7 @@ def nightly(
 
 
 def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, source, jave_ref, emb_ref, k,
-                threshold, batch_size, last_ok, task_runner, workers) -> None:  # fmt: skip
+                threshold, batch_size, commit_rows, last_ok, task_runner, workers) -> None:  # fmt: skip
     from flows.dedupe import _products, embed_products, find_duplicates
 
     logger = get_run_logger()
@@ -458,9 +468,11 @@ def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, 
     same_jave = last_ok is not None and last_ok.models.get("jave") == jave_ref.version
     since = rec.watermark_from if same_jave else None
     stage("featurize", lambda: featurize_stage.with_options(**opts)(wh.root, jave_ref, since, batch_size, window))
-    stage("predict", lambda: predict_stage.with_options(**opts)(wh.root, jave_ref, since, batch_size, window))
+    stage(
+        "predict", lambda: predict_stage.with_options(**opts)(wh.root, jave_ref, since, batch_size, window, commit_rows)
+    )
     rec.tables_read["predicted_products"] = wh.version("predicted_products")
-    stage("embed", lambda: embed_stage.with_options(**opts)(wh.root, emb_ref, batch_size, window))
+    stage("embed", lambda: embed_stage.with_options(**opts)(wh.root, emb_ref, batch_size, window, commit_rows))
     rec.tables_read["embeddings"] = wh.version("embeddings")
 
     def dedupe() -> dict[str, Any]:

@@ -59,6 +59,18 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     assert len([t for t in truth if t in found8]) >= 0.75 * len(truth)
     assert dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8")["embedded"] == 0
 
+    # beyond exact_max: IVF with nprobe tuned to the target recall, for the full graph and for incremental updates
+    exact = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    ivf = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", exact_max=50, full=True)
+    assert ivf["ann_nprobe"] >= 1 and ivf["ann_recall_at_k"] >= 0.99
+    assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == exact
+    ingest(str(delta), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)  # same rows: nothing changes
+    rows[0]["name"] += " (refurbished)"
+    delta.write_text(json.dumps(rows[0]))
+    ingest(str(delta), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    inc = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", exact_max=50)
+    assert inc["graph"] == "incremental (1 re-searched)" and inc["ann_recall_at_k"] >= 0.99
+
     a, b = hits[0]
     out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])
     assert out.exit_code == 0, out.output

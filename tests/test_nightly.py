@@ -21,7 +21,7 @@ def _run(wh_root: str, catalog: Path, **kw):
     from flows.nightly import nightly
 
     params = dict(catalog=str(catalog), source=SOURCE, mapping=dict(FIELD_MAP), media=False, warehouse_root=wh_root,
-                  dedupe_method="text", threshold=0.9, batch_size=64)  # fmt: skip
+                  dedupe_method="text", threshold=0.9, batch_size=64, commit_rows=64)  # fmt: skip
     params.update(kw)
     return nightly(**params)
 
@@ -264,7 +264,7 @@ enrich_mod.write_predictions = hangs_after_two_batches
 from flows.nightly import nightly
 from warehouse.sample_catalog import FIELD_MAP
 nightly(catalog=sys.argv[1], source="catalog", mapping=dict(FIELD_MAP), media=False, warehouse_root=sys.argv[2],
-        dedupe_method="text", threshold=0.9, batch_size=64)
+        dedupe_method="text", threshold=0.9, batch_size=64, commit_rows=64)
 """
 
 

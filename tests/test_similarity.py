@@ -11,11 +11,13 @@ from features.similarity import (
     cluster,
     cluster_size_distribution,
     default_nlist,
+    exact_topk,
     knn_graph,
     nmi_purity,
     recall_at_k,
     search,
     threshold_for_f1,
+    tune_nprobe,
     update_graph,
 )
 
@@ -123,6 +125,58 @@ def test_exact_below_exact_max_and_ivf_recall_on_20k_clustered():
     approx = search(hnsw, x[queries[:200]], 10)[1]
     truth = search(build_index(x[:5000], kind="exact"), x[queries[:200]], 10)[1]
     assert recall_at_k(approx, truth) >= 0.95
+
+
+def test_exact_topk_equals_faiss_flat_search():
+    x = normalize(np.random.default_rng(4).standard_normal((700, 24)))
+    q = x[:300]
+    s, i = exact_topk(q, x, 8, block=128)  # several blocks
+    fs, fi = search(build_index(x, kind="exact"), q, 8)
+    np.testing.assert_allclose(s, fs, atol=1e-5)
+    assert (i == fi).mean() > 0.999  # only exact score ties may swap
+    assert (i[:, 0] == np.arange(300)).all()  # each query finds itself first
+    s, i = exact_topk(q[:3], x[:5], 8)  # k beyond the database: padded
+    assert (i[:, 5:] == -1).all() and np.isneginf(s[:, 5:]).all() and (i[:, :5] >= 0).all()
+
+
+def test_tune_nprobe_raises_nprobe_until_the_target_recall():
+    x = categorised(n_cat=50, n_groups=2000, size=10, d=32, seed=5)
+    ivf = build_index(x, kind="ivf", nprobe=1)
+    low = tune_nprobe(ivf, x, 10, target_recall=0.0)
+    assert low[0] == 1
+    nprobe, recall = tune_nprobe(ivf, x, 10, target_recall=0.99, sample=500)
+    assert nprobe > 1 and recall >= 0.99 and ivf.nprobe == nprobe
+    # an independent sample of queries agrees with the tuned recall
+    queries = np.random.default_rng(9).choice(len(x), 500, replace=False)
+    mask = np.zeros(len(x), dtype=bool)
+    mask[queries] = True
+    graph = knn_graph(np.arange(len(x)), x, 10, index=ivf, queries_mask=mask)
+    truth = knn_graph(np.arange(len(x)), x, 10, queries_mask=mask)
+    assert recall_at_k(graph.neighbors[queries], truth.neighbors[queries]) >= 0.98
+
+
+def test_incremental_update_through_an_ivf_index_stays_close_to_exact():
+    x = categorised(n_cat=40, n_groups=1500, size=8, d=32, seed=6)
+    ids = np.arange(len(x))
+    rng = np.random.default_rng(7)
+    old = np.sort(rng.permutation(len(x))[: len(x) - 200])
+    new = np.setdiff1d(ids, old)
+    built = []
+
+    def ivf(vectors):
+        index = build_index(vectors, kind="ivf", nprobe=1)
+        tune_nprobe(index, vectors, 10, target_recall=0.99, sample=300)
+        built.append(len(vectors))
+        return index
+
+    graph = knn_graph(ids[old], x[old], 10, index=ivf(x[old]))
+    updated, vectors = update_graph(graph, x[old], ids[new], x[new], index=ivf)
+    assert built == [len(old), len(x)] and len(updated.ids) == len(x)
+    full = knn_graph(updated.ids, vectors, 10)
+    got, want = pair_set(*updated.pairs()[:2]), pair_set(*full.pairs()[:2])
+    assert len(got & want) >= 0.97 * len(want)
+    unchanged, _ = update_graph(updated, vectors, ids[:0], x[:0], index=ivf)  # nothing to re-search: no index built
+    assert len(built) == 2 and pair_set(*unchanged.pairs()[:2]) == got
 
 
 def test_giant_cluster_guard_cuts_a_chain_at_its_weakest_links():
