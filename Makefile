@@ -15,6 +15,8 @@ export TRANSFORMERS_OFFLINE := 1
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 8 ] || echo "warning: $$free GiB free \
+	here; the venv (torch's CUDA build) needs about 8 GiB: free space (old clones, data/bench) if pip fails with ENOSPC"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev,dask]"

@@ -107,14 +107,19 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return scores, ids
 
 
-def exact_topk(queries: np.ndarray, database: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    queries: np.ndarray, database: np.ndarray, k: int, block: int = 2048, block_bytes: int = 256 << 20
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product of ``queries`` among ``database`` rows: scores (Q, k), ids (Q, k), best first.
 
     Blocks of queries go through one BLAS product each and ``torch.topk``: about 2x faster than faiss's
     ``IndexFlatIP.search`` on 2 cores (100k x 100k at d=384: ~60 vs 129 s), whose per-query heap dominates once the
-    product is done. ``k`` larger than the database is padded with id -1 and score -inf.
+    product is done. A block's score matrix is kept under ``block_bytes`` (memory stays flat in the database size).
+    ``k`` larger than the database is padded with id -1 and score -inf.
     """
     import torch
+
+    block = max(1, min(block, block_bytes // (4 * max(len(database), 1))))
 
     q = torch.from_numpy(_as_matrix(queries, "queries"))
     db = torch.from_numpy(_as_matrix(database, "database"))
