@@ -5,7 +5,9 @@ One MLflow run per training: the full config as params; per epoch every ``encode
 the learned modality-pair weights (``w_text-table`` …) and the held-out cross-modal retrieval metrics
 (``val_recall_at_k``, ``val_map_at_10``) with step = epoch; the model as a pyfunc with a signature (product rows in,
 ``product_id`` + L2-normalised ``vector`` out), registered as ``product-encoder``. ``@champion`` moves only when the
-new version's ``val_recall_at_10`` beats the champion's on the same validation set. ``load_encoder`` hands the
+new version beats the champion on the same yardstick: ``val_pair_f1`` (cosine pair F1 at the F1-optimal cut, what
+dedupe does with the vectors) on the warehouse's labelled ``valid*`` pairs when it has some, else
+``val_recall_at_10`` on the same held-out products. ``load_encoder`` hands the
 champion (or a given version) to the dedupe flow.
 
 Data-parallel under ``torchrun`` (``enrich train encoder --nproc N``): rank 0 runs the flow (warehouse, MLflow,
@@ -33,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -49,7 +53,8 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "product-encoder"
 EXPERIMENT = "product-encoder"
-SELECT_METRIC = "val_recall_at_10"
+SELECT_METRIC = "val_recall_at_10"  # held-out cross-modal retrieval: the rule without labelled pairs
+MATCH_METRIC = "val_pair_f1"  # pair F1 on labelled validation pairs: the rule when the catalog has them
 COLUMNS = ["product_id", "title", "description", "specs"]
 
 
@@ -125,6 +130,50 @@ def load_train_pairs(wh: Warehouse, data: CatalogSplit) -> list[tuple[dict[str, 
     return pairs
 
 
+@task(cache_policy=NO_CACHE)
+def load_valid_pairs(wh: Warehouse, source: str | None) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """The warehouse's labelled ``valid*`` pairs between products of ``source`` (all when None), as (row, row,
+    label): the yardstick ``@champion`` is chosen on when a catalog has them. Empty when there are none."""
+    if not wh.exists("pairs"):
+        return []
+    import pyarrow.compute as pc
+
+    found = wh.sql("SELECT left_id, right_id, label FROM pairs WHERE split LIKE 'valid%' "
+                   "ORDER BY benchmark, split, line").to_pylist()  # fmt: skip
+    ids = sorted({p[side] for p in found for side in ("left_id", "right_id")})
+    if not ids:
+        return []
+    table = wh.read("products", columns=[*COLUMNS, "source"])
+    keep = pc.is_in(table["product_id"], value_set=pa.array(ids))
+    if source is not None:
+        keep = pc.and_(keep, pc.equal(table["source"], source))
+    rows = {r["product_id"]: r for r in table.filter(keep).select(COLUMNS).to_pylist()}
+    return [(rows[p["left_id"]], rows[p["right_id"]], int(p["label"])) for p in found
+            if p["left_id"] in rows and p["right_id"] in rows]  # fmt: skip
+
+
+def match_quality(model, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> tuple[float, float] | None:
+    """(pair F1, threshold) of the product vectors' cosine on labelled pairs at the F1-optimal cut, the rule
+    ``enrich dedupe`` applies; None with fewer than 20 pairs or no match among them (F1 undefined)."""
+    if len(pairs) < 20 or not any(y for *_, y in pairs):
+        return None
+    from features.encoder import encode_products
+    from features.similarity import threshold_for_f1
+
+    rows = {r["product_id"]: r for a, b, _ in pairs for r in (a, b)}
+    order = sorted(rows)
+    pos = {pid: i for i, pid in enumerate(order)}
+    vectors = encode_products(model, [rows[p] for p in order])
+    cos = np.array([float(vectors[pos[a["product_id"]]] @ vectors[pos[b["product_id"]]]) for a, b, _ in pairs])
+    threshold, f1 = threshold_for_f1(cos, np.array([y for *_, y in pairs]))
+    return f1, threshold
+
+
+def _pairs_set_id(source: str | None, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> str:
+    blob = "\n".join(sorted(f"{a['product_id']}|{b['product_id']}|{y}" for a, b, y in pairs))
+    return f"{source or 'all'}/pairs-valid#{hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()}"
+
+
 def _eval_set_id(source: str | None, rows: list[dict[str, Any]]) -> str:
     ids = hashlib.blake2b("\n".join(sorted(r["product_id"] for r in rows)).encode(), digest_size=6).hexdigest()
     return f"{source or 'all'}/validation#{ids}"
@@ -182,7 +231,7 @@ class EncoderPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"product_id": [r["product_id"] for r in rows], "vector": [v.tolist() for v in vectors]})
 
 
-def _log_model(ckpt: Path, model, data: CatalogSplit, source: str | None, value: float, register: bool):
+def _log_model(ckpt: Path, model, data: CatalogSplit, selection: tuple[str, float, str], register: bool):
     from mlflow.models import infer_signature
 
     from features.encoder import encode_products
@@ -205,9 +254,8 @@ def _log_model(ckpt: Path, model, data: CatalogSplit, source: str | None, value:
     if not register:
         return None, None
     version = str(info.registered_model_version)
-    p = tracking.promote_if_better(
-        MODEL_NAME, version, metric=SELECT_METRIC, value=value, eval_set=_eval_set_id(source, data.validation)
-    )
+    metric, value, eval_set = selection
+    p = tracking.promote_if_better(MODEL_NAME, version, metric=metric, value=value, eval_set=eval_set)
     mlflow.set_tag("champion_decision", p.reason)
     return version, p.reason
 
@@ -283,15 +331,24 @@ def train_one(
         mlflow.log_metrics({f"best_{k}": v for k, v in best.items() if k.startswith("val_")})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "steps": result.steps,
                             "train_seconds": time.perf_counter() - started})  # fmt: skip
-        value = float(best.get(SELECT_METRIC, 0.0))
-        version, promotion = _log_model(ckpt, model, data, run.source, value, register)
+        # @champion is chosen on match quality when the catalog has labelled validation pairs (what dedupe uses
+        # the vectors for), else on held-out cross-modal retrieval
+        selection = (SELECT_METRIC, float(best.get(SELECT_METRIC, 0.0)), _eval_set_id(run.source, data.validation))
+        valid_pairs = load_valid_pairs(wh, run.source)
+        quality = match_quality(model, valid_pairs)
+        if quality is not None:
+            mlflow.log_metrics({MATCH_METRIC: quality[0], "val_pair_threshold": quality[1]})
+            best = {**best, MATCH_METRIC: quality[0]}
+            selection = (MATCH_METRIC, quality[0], _pairs_set_id(run.source, valid_pairs))
+        metric, value, _ = selection
+        version, promotion = _log_model(ckpt, model, data, selection, register)
         summary = {
             "run_id": active.info.run_id, "source": run.source, "checkpoint": str(ckpt),
             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
             "validation": {k: v for k, v in best.items() if k.startswith("val_")}, "model_version": version,
             "promotion": promotion, "seconds": round(time.perf_counter() - started, 1),
         }  # fmt: skip
-    logger.info("product encoder on %s: %s=%.4f (%s)", run.source or "all", SELECT_METRIC, value, promotion)
+    logger.info("product encoder on %s: %s=%.4f (%s)", run.source or "all", metric, value, promotion)
     return summary
 
 

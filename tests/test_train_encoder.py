@@ -131,3 +131,30 @@ def test_train_encoder_flow(tmp_path, prefect_harness, mlflow_store):
     vectors = np.array(out["vector"].tolist(), dtype=np.float32)
     assert vectors.shape == (2, model.cfg.out_dim)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # labelled validation pairs in the warehouse: the next version is scored on match quality (pair F1), which
+    # the recall-scored champion cannot be compared with, so the alias stays until someone decides
+    import csv
+
+    import pyarrow as pa
+
+    from flows.train_encoder import MATCH_METRIC, load_valid_pairs
+    from warehouse.tables import Warehouse
+
+    truth = [(r["sku_a"], r["sku_b"]) for r in csv.DictReader(cat.duplicates_truth_path.open())]
+    ids = sorted(Warehouse(wh_root).read("products", columns=["product_id"]).column("product_id").to_pylist())
+    rng = np.random.default_rng(0)
+    negatives = [tuple(rng.choice(ids, 2, replace=False)) for _ in range(5 * len(truth))]
+    labelled = [(a, b, 1) for a, b in truth] + [(a, b, 0) for a, b in negatives if (a, b) not in truth]
+    Warehouse(wh_root).append("pairs", pa.Table.from_pylist([
+        {"benchmark": "toy", "split": "valid", "line": i, "left_id": a, "right_id": b, "label": y}
+        for i, (a, b, y) in enumerate(labelled)
+    ]))  # fmt: skip
+    assert len(load_valid_pairs.fn(Warehouse(wh_root), None)) == len(labelled) >= 20
+    second = train_encoder(preset="tiny", epochs=1, batch_size=16, patience=0, warehouse_root=wh_root,
+                           checkpoint_root=str(tmp_path / "ckpt2"))  # fmt: skip
+    assert 0.0 < second["validation"][MATCH_METRIC] <= 1.0 and "not comparable" in second["promotion"]
+    v2 = client.get_model_version(MODEL_NAME, second["model_version"])
+    assert v2.tags["eval_metric"] == MATCH_METRIC and v2.tags["eval_set"].startswith("all/pairs-valid#")
+    assert "val_pair_threshold" in client.get_run(second["run_id"]).data.metrics
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
