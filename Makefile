@@ -60,7 +60,7 @@ bench-enrich: $(STAMP)
 	$(PY) bench/enrich.py
 
 bench-scale: $(STAMP)
-	$(PY) bench/scale.py --sizes 10000,100000 --images-up-to 10000
+	$(PY) bench/scale.py --sizes 10000,20000,100000 --images-up-to 10000
 
 bench-precision: $(STAMP)
 	$(PY) bench/precision.py --dataset ae-110k --data-path ../shared/data/ae-110k

@@ -122,7 +122,8 @@ def run_step(args: argparse.Namespace) -> dict:
                     resume=False)  # fmt: skip
         summary = {"stages_s": s["seconds"], "flow_s": s["total_seconds"]} | {
             k: s.get(k) for k in ("changed_since_watermark", "ingested", "featurized_images", "predicted_products",
-                                  "values_accepted", "embedded", "duplicate_pairs", "clusters", "graph")
+                                  "values_accepted", "embedded", "duplicate_pairs", "clusters", "graph",
+                                  "ann_recall_at_k", "ann_nprobe")
         }  # fmt: skip
     else:  # train: a registered jave@champion (image path on) for the nightly runs, on its own warehouse
         from flows.ingest import ingest
@@ -258,7 +259,7 @@ def table(report: dict) -> str:
         "| peak RSS MB |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n, r in report["sizes"].items():
+    for n, r in sorted(report["sizes"].items(), key=lambda kv: int(kv[0])):
         for run, out in r["runs"].items():
             st = out["stages_s"]
             label = {"changed": f"changed ({r['changed_products']})", "one": "one changed"}.get(run, run)

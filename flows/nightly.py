@@ -509,6 +509,8 @@ def _summary(rec: RunRecord, wh: Warehouse) -> dict[str, Any]:
         "values_in_review": s.get("predict", {}).get("values_in_review"), "attributes_filled": attrs,
         "embedded": s.get("embed", {}).get("embedded"), "duplicate_pairs": s.get("dedupe", {}).get("duplicate_pairs"),
         "clusters": s.get("dedupe", {}).get("non_singleton_clusters"), "graph": s.get("dedupe", {}).get("graph"),
+        "ann_recall_at_k": s.get("dedupe", {}).get("ann_recall_at_k"),
+        "ann_nprobe": s.get("dedupe", {}).get("ann_nprobe"),
         "seconds": {st: s.get(st, {}).get("seconds") for st in STAGES},
         "total_seconds": round((rec.finished_at - rec.started_at).total_seconds(), 2) if rec.finished_at else None,
         "models": rec.models, "tables_read": rec.tables_read, "tables_written": rec.tables_written,
