@@ -144,7 +144,7 @@ def test_train_encoder_flow(tmp_path, prefect_harness, mlflow_store):
     truth = [(r["sku_a"], r["sku_b"]) for r in csv.DictReader(cat.duplicates_truth_path.open())]
     ids = sorted(Warehouse(wh_root).read("products", columns=["product_id"]).column("product_id").to_pylist())
     rng = np.random.default_rng(0)
-    negatives = [tuple(rng.choice(ids, 2, replace=False)) for _ in range(5 * len(truth))]
+    negatives = [tuple(str(i) for i in rng.choice(ids, 2, replace=False)) for _ in range(24)]
     labelled = [(a, b, 1) for a, b in truth] + [(a, b, 0) for a, b in negatives if (a, b) not in truth]
     Warehouse(wh_root).append("pairs", pa.Table.from_pylist([
         {"benchmark": "toy", "split": "valid", "line": i, "left_id": a, "right_id": b, "label": y}
