@@ -21,6 +21,7 @@ import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from flows import reports, tracking
 from warehouse import schema
@@ -225,8 +226,9 @@ def predict_products(
     attrs: dict[str, int] = {}
 
     def write(groups: list[tuple[list[dict], list[dict]]]) -> None:
-        write_predictions(wh, [r for rows, _ in groups for r in rows], [p for _, preds in groups for p in preds], meta,
-                          datetime.now(UTC))  # fmt: skip
+        # quote: Prefect would otherwise walk every row and value dict looking for futures (seconds per commit)
+        write_predictions(wh, quote([r for rows, _ in groups for r in rows]),
+                          quote([p for _, preds in groups for p in preds]), meta, datetime.now(UTC))  # fmt: skip
 
     commits = CommitGroups(write, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
