@@ -71,6 +71,10 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     inc = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", exact_max=50)
     assert inc["graph"] == "incremental (1 re-searched)" and inc["ann_recall_at_k"] >= 0.99
 
+    # another k: the stored lists cannot be extended incrementally, so the graph is rebuilt at the new length
+    k5 = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", k=5)
+    assert k5["graph"] == "full" and {len(r["neighbors"]) for r in wh.read("knn_graph").to_pylist()} == {5}
+
     a, b = hits[0]
     out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])
     assert out.exit_code == 0, out.output
