@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 
 IndexKind = Literal["auto", "exact", "ivf", "hnsw"]
+EXACT_MAX = 200_000  # build_index(kind="auto") searches exactly up to this many rows
+MIN_PAIRS = 20  # labelled pairs needed before a threshold is chosen on them
 
 
 # ------------------------------------------------------------------------------------------------------------ index
@@ -47,7 +49,7 @@ def default_nlist(n: int) -> int:
 def build_index(
     vectors: np.ndarray,
     *,
-    exact_max: int = 200_000,
+    exact_max: int = EXACT_MAX,
     kind: IndexKind = "auto",
     nlist: int | None = None,
     nprobe: int | None = None,
@@ -136,12 +138,6 @@ def exact_topk(
     return scores, ids
 
 
-def _is_exact(index) -> bool:
-    import faiss
-
-    return isinstance(index, faiss.IndexFlat)
-
-
 def tune_nprobe(
     index, vectors: np.ndarray, k: int, *, target_recall: float = 0.99, sample: int = 1000, seed: int = 0
 ) -> tuple[int, float]:
@@ -157,7 +153,7 @@ def tune_nprobe(
     x = _as_matrix(vectors)
     k = min(k, len(x) - 1)
     rows = np.sort(np.random.default_rng(seed).choice(len(x), min(sample, len(x)), replace=False))
-    truth = _exact_excluding_self(x, rows, k)[0]
+    truth = _topk_excluding_self(None, x, rows, k)[0]
     while True:
         got = _topk_excluding_self(index, x, rows, k)[0]
         recall = recall_at_k(got, truth)
@@ -263,16 +259,12 @@ def _ivf_self_search(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np
     return out_scores, out_ids
 
 
-def _exact_excluding_self(x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return _topk_excluding_self(None, x, rows, k)
-
-
 def _topk_excluding_self(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours (len(rows), k) of ``x[rows]`` among the index (exact over ``x`` when None or a flat index: the
     index holds ``x``), the query's own row dropped."""
     import faiss
 
-    if index is None or _is_exact(index):
+    if index is None or isinstance(index, faiss.IndexFlat):
         scores, nbrs = exact_topk(x[rows], x, k + 1)
     elif faiss.try_extract_index_ivf(index) is not None:
         scores, nbrs = _ivf_self_search(index, x, rows, k + 1)
@@ -298,16 +290,17 @@ def knn_graph(
         ids: product ids (N,), row i of ``vectors`` is product ``ids[i]``.
         vectors: (N, D) L2-normalised float32.
         k: neighbours per product.
-        index: a faiss index holding exactly ``vectors`` in order; built with ``build_index`` when None.
+        index: a faiss index holding exactly ``vectors`` in order; when None, exact search (``exact_topk``) up to
+            ``EXACT_MAX`` rows, else the index ``build_index`` picks.
         queries_mask: (N,) bool, True for the rows to query (new and changed products); None queries all.
     """
     x = _as_matrix(vectors)
     ids = np.asarray(ids)
     if len(ids) != len(x):
         raise ValueError(f"ids has {len(ids)} entries but vectors has {len(x)} rows; pass one id per row")
-    if index is None:
+    if index is None and len(x) > EXACT_MAX:
         index = build_index(x)
-    if index.ntotal != len(x):
+    if index is not None and index.ntotal != len(x):
         raise ValueError(f"index holds {index.ntotal} vectors but vectors has {len(x)}; build it from vectors")
     k = min(k, len(x) - 1)
     neighbors = np.full((len(x), k), -1, dtype=np.int64)
@@ -419,6 +412,17 @@ def threshold_for_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, flo
     f1 = np.where(last_of_tie, 2 * tp / (predicted + labels.sum()), -1.0)
     best = int(np.argmax(f1))
     return float(s[best]), float(f1[best])
+
+
+def pair_threshold(
+    left: np.ndarray, right: np.ndarray, labels: np.ndarray, min_pairs: int = MIN_PAIRS
+) -> tuple[float, float] | None:
+    """(cut, F1) of the cosine of labelled pairs (rows of ``left`` and ``right`` are L2-normalised vectors of each
+    pair's two products) at the F1-optimal cut; None with fewer than ``min_pairs`` pairs or no match among them."""
+    labels = np.asarray(labels)
+    if len(labels) < min_pairs or not labels.any():
+        return None
+    return threshold_for_f1((np.asarray(left) * np.asarray(right)).sum(1), labels)
 
 
 # ---------------------------------------------------------------------------------------------------------- cluster

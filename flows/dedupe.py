@@ -160,13 +160,13 @@ def _threshold(wh: Warehouse, source: str | None, ids: np.ndarray, vectors: np.n
     pairs = wh.sql("SELECT left_id, right_id, label FROM pairs WHERE split LIKE 'valid%'").to_pylist()
     pos = {pid: i for i, pid in enumerate(ids.tolist())}
     pairs = [p for p in pairs if p["left_id"] in pos and p["right_id"] in pos]
-    if len(pairs) < 20 or not any(p["label"] for p in pairs):
-        return default, "given"
-    from features.similarity import threshold_for_f1
+    from features.similarity import pair_threshold
 
-    a = vectors[[pos[p["left_id"]] for p in pairs]]
-    b = vectors[[pos[p["right_id"]] for p in pairs]]
-    thr, f1 = threshold_for_f1((a * b).sum(1), np.array([p["label"] for p in pairs]))
+    found = pair_threshold(vectors[[pos[p["left_id"]] for p in pairs]], vectors[[pos[p["right_id"]] for p in pairs]],
+                           np.array([p["label"] for p in pairs], dtype=bool))  # fmt: skip
+    if found is None:
+        return default, "given"
+    thr, f1 = found
     return float(thr), f"F1-optimal on {len(pairs)} labelled validation pairs (valid F1 {f1:.3f})"
 
 
@@ -285,7 +285,6 @@ def find_duplicates(
     """The top-k graph (updated incrementally when one of this model version exists), then pairs over the threshold
     -> ``duplicates`` and guarded connected components -> ``clusters``."""
     from features.similarity import (
-        _is_exact,
         build_index,
         cluster,
         cluster_size_distribution,
@@ -301,11 +300,12 @@ def find_duplicates(
     vectors = np.stack([known[pid] for pid in ids.tolist()]).astype(np.float32)
 
     def index_for(x: np.ndarray):
-        """Exact up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's recall@k on a
-        sample reaches ``target_recall`` (measured against exact search, reported in the summary)."""
-        index = build_index(x, exact_max=exact_max)
-        if not _is_exact(index):
-            ann["nprobe"], ann["recall"] = tune_nprobe(index, x, k, target_recall=target_recall)
+        """None (exact search) up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's
+        recall@k on a sample reaches ``target_recall`` (measured against exact search, reported in the summary)."""
+        if len(x) <= exact_max:
+            return None
+        index = build_index(x, kind="ivf")
+        ann["nprobe"], ann["recall"] = tune_nprobe(index, x, k, target_recall=target_recall)
         return index
 
     ann: dict[str, Any] = {"nprobe": None, "recall": None}

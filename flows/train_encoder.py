@@ -155,17 +155,19 @@ def load_valid_pairs(wh: Warehouse, source: str | None) -> list[tuple[dict[str, 
 def match_quality(model, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> tuple[float, float] | None:
     """(pair F1, threshold) of the product vectors' cosine on labelled pairs at the F1-optimal cut, the rule
     ``enrich dedupe`` applies; None with fewer than 20 pairs or no match among them (F1 undefined)."""
-    if len(pairs) < 20 or not any(y for *_, y in pairs):
-        return None
+    from features.similarity import MIN_PAIRS, pair_threshold
+
+    if len(pairs) < MIN_PAIRS or not any(y for *_, y in pairs):
+        return None  # before encoding anything
     from features.encoder import encode_products
-    from features.similarity import threshold_for_f1
 
     rows = {r["product_id"]: r for a, b, _ in pairs for r in (a, b)}
     order = sorted(rows)
     pos = {pid: i for i, pid in enumerate(order)}
     vectors = encode_products(model, [rows[p] for p in order])
-    cos = np.array([float(vectors[pos[a["product_id"]]] @ vectors[pos[b["product_id"]]]) for a, b, _ in pairs])
-    threshold, f1 = threshold_for_f1(cos, np.array([y for *_, y in pairs]))
+    threshold, f1 = pair_threshold(vectors[[pos[a["product_id"]] for a, _, _ in pairs]],
+                                   vectors[[pos[b["product_id"]] for _, b, _ in pairs]],
+                                   np.array([y for *_, y in pairs], dtype=bool))  # fmt: skip
     return f1, threshold
 
 
