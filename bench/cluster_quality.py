@@ -93,7 +93,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threshold", type=float, default=0.9, help="dedupe cosine cut (enrich dedupe's default)")
     parser.add_argument("--encoder", action="store_true", help="also product-encoder@champion ($MLFLOW_TRACKING_URI)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch (and faiss) threads; default: every core this process may use",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

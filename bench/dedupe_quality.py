@@ -27,7 +27,7 @@ Per benchmark:
   still compete for ``best``: they come from the same code and the same trees (``--no-keep-cross`` drops them).
 
 Run: ``.venv/bin/python bench/dedupe_quality.py [--benchmarks Abt-Buy wdc/computers ...] [--epochs 2]
-[--cache /tmp/dq_cache] [--supcon-epochs 4] [--threads 2]``; merges its benchmarks into
+[--cache /tmp/dq_cache] [--supcon-epochs 4] [--threads N]``; merges its benchmarks into
 bench/results/dedupe_quality.json (so benchmarks may run in separate processes). CPU only; ``--epochs 0`` skips the
 cross-encoder (the trees alone take minutes), ``--supcon-epochs 0`` skips SupCon (about 4 min per epoch on 2 cores).
 """
@@ -419,7 +419,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--summarize", type=int, default=16, help="words kept per record (0 = full records)")
     parser.add_argument("--lr", type=float, default=8e-5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch (and faiss) threads; default: every core this process may use",
+    )
     parser.add_argument("--cache", default="", help="folder caching the frozen-tower embeddings between runs")
     parser.add_argument("--supcon-epochs", type=int, default=4, help="SupCon fine-tuning epochs (0 skips it)")
     parser.add_argument("--supcon-max-length", type=int, default=64)

@@ -9,7 +9,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,6 +156,43 @@ class ImageEncoder:
             globs.append(g.float().cpu().numpy())
             regions.append(r.float().cpu().numpy())
         return np.concatenate(globs), np.concatenate(regions)
+
+
+def encode_images(
+    encoder: ImageEncoder,
+    keys: Sequence[Hashable],
+    load: Callable[[Hashable], torch.Tensor | None],
+    *,
+    io_threads: int = 4,
+    chunk: int = 256,
+    max_bytes: int | None = None,
+) -> dict[Hashable, tuple[np.ndarray, np.ndarray]]:
+    """key -> (global (Dv,), regions (R, Dv)) float16 features of the images ``load`` gives for ``keys``.
+
+    ``load(key)`` returns one preprocessed image (3, H, W), or None when it cannot be read (that key is left out).
+    Images are loaded on ``io_threads`` threads and encoded ``chunk`` at a time, so pixels never take more than one
+    chunk's memory. Features are rounded to float16, as the visual feature store keeps them, so a model sees the
+    same numbers whether they were computed now or read back. With ``max_bytes``, an empty dict comes back as soon
+    as the features would need more than that (the caller then computes them per batch instead).
+    """
+    out: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
+    keys = list(dict.fromkeys(keys))
+    with ThreadPoolExecutor(max(1, io_threads)) as pool:
+        for start in range(0, len(keys), chunk):
+            loaded = [(k, px) for k, px in zip(keys[start : start + chunk], pool.map(load, keys[start : start + chunk]),
+                                               strict=True) if px is not None]  # fmt: skip
+            if not loaded:
+                continue
+            # filled in numpy: a plain copy, where torch.stack's intra-op threads only add barriers
+            pixels = np.empty((len(loaded), *loaded[0][1].shape), np.float32)
+            for i, (_, px) in enumerate(loaded):
+                pixels[i] = px.numpy()
+            glob, regions = encoder(torch.from_numpy(pixels))
+            glob, regions = glob.astype(np.float16), regions.astype(np.float16)
+            out.update((k, (glob[i], regions[i])) for i, (k, _) in enumerate(loaded))
+            if max_bytes is not None and (glob[0].nbytes + regions[0].nbytes) * len(keys) > max_bytes:
+                return {}
+    return out
 
 
 def cuda_batch_size(per_item_bytes: int, fraction: float = 0.5, cap: int = 1024, floor: int = 8) -> int:

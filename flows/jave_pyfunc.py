@@ -249,29 +249,21 @@ class JaveEnricher:
     def _compute(
         self, shas: list[str], source: dict[str, tuple[str, bytes | None]], cfg: Any
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        from features.runtime import encode_images
         from warehouse.media import MediaError, decode_image, fetch_bytes
 
         tower = self.model.image_tower
 
-        def load(sha: str) -> tuple[str, Tensor | None]:
+        def load(sha: str) -> Tensor | None:
             where, data = source[sha]
             try:
                 image, _ = decode_image(data if data is not None else fetch_bytes(where, cfg), cfg, uri=where,
                                         max_side=self.decode_max_side)  # fmt: skip
-                return sha, tower.preprocess([image])[0]
+                return tower.preprocess([image])[0]
             except (MediaError, OSError, ValueError):
-                return sha, None
+                return None
 
-        loaded = [(sha, px) for sha, px in self._map(load, shas) if px is not None]
-        if not loaded:
-            return {}
-        # filled in numpy: a plain copy, where torch.stack's intra-op threads only add barriers (see _cached_visuals)
-        pixels = np.empty((len(loaded), *loaded[0][1].shape), np.float32)
-        for i, (_, px) in enumerate(loaded):
-            pixels[i] = px.numpy()
-        glob, regions = self.image_encoder(torch.from_numpy(pixels))  # (N, Dv), (N, R, Dv)
-        glob, regions = glob.astype(np.float16), regions.astype(np.float16)
-        out = {sha: (glob[i], regions[i]) for i, (sha, _) in enumerate(loaded)}
+        out = encode_images(self.image_encoder, shas, load, io_threads=self.io_threads)
         if self.visual_store is not None:
             self.visual_store.put_many(out)
         return out

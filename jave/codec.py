@@ -420,26 +420,30 @@ def decode(
 
     out: list[Extraction] = []
     start = -1  # first token of the open span, -1 when none
+    # plain Python lists and a running sum: this loop runs per token of every product at inference, where numpy
+    # scalar indexing and a .mean() per span cost more than the model's heads (bench/enrich.py, warm)
+    tag_l, field_l, off_l = tags.tolist(), token_field.tolist(), offsets.tolist()
+    csum = np.concatenate(([0.0], np.cumsum(tag_prob))).tolist() if probs is not None else None
 
     def close(last: int) -> None:
-        name = FIELDS[token_field[start]]
-        b, e = int(offsets[start, 0]), int(offsets[last, 1])
-        score = float(tag_prob[start : last + 1].mean()) if probs is not None else None
-        attribute = vocab.attributes[(tags[start] - 1) // 2]
+        name = FIELDS[field_l[start]]
+        b, e = off_l[start][0], off_l[last][1]
+        score = (csum[last + 1] - csum[start]) / (last + 1 - start) if csum is not None else None
+        attribute = vocab.attributes[(tag_l[start] - 1) // 2]
         out.append(Extraction(attribute, text[b:e], name, b - ranges[name], e - ranges[name], score))
 
-    for i in range(len(tags)):
-        if not active[i]:
+    for i, is_active in enumerate(active.tolist()):
+        if not is_active:
             if start >= 0:
                 close(i - 1)
                 start = -1
             continue
-        tag = int(tags[i])
+        tag = tag_l[i]
         continues = (
             start >= 0
             and tag % 2 == 0  # an I tag ...
-            and (tag - 1) // 2 == (int(tags[start]) - 1) // 2  # ... of the open span's attribute ...
-            and token_field[i] == token_field[start]  # ... in its field
+            and (tag - 1) // 2 == (tag_l[start] - 1) // 2  # ... of the open span's attribute ...
+            and field_l[i] == field_l[start]  # ... in its field
         )
         if not continues:
             if start >= 0:

@@ -317,3 +317,43 @@ def test_model_and_spec_mismatch_is_a_clear_error(data):
     with pytest.raises(ValueError, match="spec has 1"):
         train(tiny_model(spec), train_ex[:8], [], other, TrainConfig(epochs=1))
     assert np.isfinite(evaluate(tiny_model(spec), val_ex[:8], spec)["attr_micro_f1"])
+
+
+def test_frozen_image_tower_features_are_computed_once_and_match_the_per_batch_path(data, tmp_path, monkeypatch):
+    """Training with a frozen image tower reads features computed once (flows.train_jave._image_kwargs) instead of
+    decoding every image per batch; the model sees the same thing either way (to float16 rounding)."""
+    import flows.train_jave as tj
+    from jave.data import make_batch
+
+    spec, train_ex, val_ex, _ = data
+    paths = []
+    for i, colour in enumerate(("red", "blue", "green")):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (40, 30), colour).save(paths[-1])
+    gone = str(tmp_path / "gone.png")
+    ex = {"train": [replace(train_ex[0], images=(paths[0], gone)), replace(train_ex[1], images=(paths[1],)),
+                    replace(train_ex[2], images=())],
+          "validation": [replace(val_ex[0], images=(paths[2], paths[0]))]}  # fmt: skip
+    torch.manual_seed(0)
+    model = JaveModel(JaveConfig.tiny(len(spec.vocab), spec.implicit_value_sizes, use_image=True)).eval()
+
+    assert set(tj._image_kwargs(model, True, ex, 4)) == {"image_loader", "preprocess"}  # trainable: per batch
+    assert tj._image_kwargs(model, False, ex, 4) == {}
+    model.image_tower.requires_grad_(False)
+    cached = tj._image_kwargs(model, True, ex, 4)["visual_cache"]
+    assert set(cached) == set(paths)  # every readable image once; the missing one is left out (a masked slot)
+    assert all(g.dtype == np.float16 and r.dtype == np.float16 for g, r in cached.values())
+    assert set(tj._image_kwargs(model, True, ex, 1)["visual_cache"]) == {paths[0], paths[1], paths[2]}
+
+    from flows.jave_pyfunc import load_image
+
+    examples = ex["train"] + ex["validation"]
+    with torch.no_grad():
+        a = model(make_batch(examples, image_loader=load_image, preprocess=model.image_tower.preprocess))
+        b = model(make_batch(examples, visual_cache=cached))
+    assert torch.allclose(a.attr_logits, b.attr_logits, atol=1e-2)
+    assert torch.allclose(a.tag_logits, b.tag_logits, atol=1e-2)
+    assert not torch.equal(model(make_batch(examples, visual_cache={})).attr_logits, b.attr_logits)
+
+    monkeypatch.setattr(tj, "VISUAL_PRECOMPUTE_MAX_BYTES", 10)  # too big to keep: back to decoding per batch
+    assert set(tj._image_kwargs(model, True, ex, 4)) == {"image_loader", "preprocess"}
