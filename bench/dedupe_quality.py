@@ -215,6 +215,7 @@ def run_supcon(
 def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    from features.charngram import CharNgramEmbedder
     from features.matcher import (
         FEATURES,
         HybridConfig,
@@ -269,6 +270,8 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     tfidf = (char @ char.T).toarray().astype(np.float32)
     sims = {"blocking": emb @ emb.T, "blocking_tfidf": tfidf}
     sims["blocking_mixed"] = (sims["blocking"] + sims["blocking_tfidf"]) / 2
+    chars = CharNgramEmbedder.fit(texts)(texts)  # what `enrich dedupe --method chars` searches with (no labels)
+    sims["blocking_chars"] = chars @ chars.T
     if name == "Abt-Buy":  # bipartite: Abt records against Buy records only
         left = sorted({p["left_id"] for v in pairs.values() for p in v})
         right = sorted({p["right_id"] for v in pairs.values() for p in v})
@@ -392,7 +395,7 @@ def merge(results: dict[str, dict], meta: dict) -> dict:
 
 
 def print_table(merged: dict) -> None:
-    print(f"\n{'benchmark':14} | {'block R@20':>10} | {'tfidf':>5} | {'supcon':>6} | {'sc+tf':>5} | "
+    print(f"\n{'benchmark':14} | {'block R@20':>10} | {'tfidf':>5} | {'chars':>5} | {'supcon':>6} | {'sc+tf':>5} | "
           f"{'cosine F1':>9} | {'trees F1':>8} | {'cross F1':>8} | {'blend F1':>8} | {'sc cos':>6} | {'tr+sc':>5} | "
           f"{'best (valid)':>24} | Ditto")  # fmt: skip
 
@@ -405,7 +408,8 @@ def print_table(merged: dict) -> None:
     for name, r in merged["benchmarks"].items():
         best = f"{r['best']['method']} {100 * r['best']['test_f1']:.1f}"
         print(
-            f"{name:14} | {r20(r, 'blocking', 10)} | {r20(r, 'blocking_tfidf', 5)} | {r20(r, 'blocking_supcon', 6)} | "
+            f"{name:14} | {r20(r, 'blocking', 10)} | {r20(r, 'blocking_tfidf', 5)} | {r20(r, 'blocking_chars', 5)} | "
+            f"{r20(r, 'blocking_supcon', 6)} | "
             f"{r20(r, 'blocking_supcon_mixed', 5)} | {100 * r['cosine']['test_f1']:9.1f} | {cell(r, 'hybrid')} | "
             f"{cell(r, 'matcher')} | {cell(r, 'hybrid_cross')} | {cell(r, 'supcon_cosine', 6)} | "
             f"{cell(r, 'hybrid_supcon', 5)} | {best:>24} | {r['anchor_ditto_f1']}"

@@ -400,7 +400,11 @@ def dedupe_cmd(
     warehouse: WarehouseOpt = None,
     source: Annotated[str | None, typer.Option(help="Only products from this source.")] = None,
     method: Annotated[
-        str, typer.Option(help="encoder (product-encoder@champion) | text (pretrained MiniLM)")
+        str,
+        typer.Option(
+            help="encoder (product-encoder@champion) | text (pretrained MiniLM) | chars (char n-gram "
+            "TF-IDF sketch: no model, fastest)"
+        ),  # fmt: skip
     ] = "encoder",
     k: Annotated[int, typer.Option(help="Neighbours per product.")] = 10,
     threshold: Annotated[float, typer.Option(help="Cosine cut when no labelled validation pairs exist.")] = 0.9,
@@ -411,6 +415,9 @@ def dedupe_cmd(
     target_recall: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="IVF: raise nprobe until the top-k recall (sampled) reaches this.")
     ] = 0.99,
+    refit: Annotated[
+        bool, typer.Option("--refit", help="chars: fit the IDF again on today's catalog (re-embeds everything).")
+    ] = False,
 ) -> None:
     """Embed products, find duplicate pairs (faiss top-k + threshold) and cluster them."""
     _env_defaults()
@@ -418,7 +425,7 @@ def dedupe_cmd(
 
     summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
                      max_cluster_size=max_cluster_size, full=full, precision=precision, exact_max=exact_max,
-                     target_recall=target_recall)  # fmt: skip
+                     target_recall=target_recall, refit=refit)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -484,7 +491,9 @@ def _mapping(mapping: str | None) -> dict[str, str] | None:
 CatalogArg = Annotated[str | None, typer.Argument(help="Catalog file to ingest first (none: the warehouse as is).")]
 SourceOpt = Annotated[str | None, typer.Option(help="Source name for the catalog's rows (default: its path).")]
 MappingOpt = Annotated[str | None, typer.Option(help='Column mapping as JSON, e.g. \'{"sku": "product_id"}\'')]
-MethodOpt = Annotated[str, typer.Option(help="Dedupe embeddings: encoder (product-encoder@champion) | text.")]
+MethodOpt = Annotated[
+    str, typer.Option(help="Dedupe embeddings: encoder (product-encoder@champion) | text | chars (no model).")
+]
 RunnerOpt = Annotated[str, typer.Option(help="default (threads) | dask (featurize/predict/embed on Dask).")]
 DaskOpt = Annotated[str | None, typer.Option(help="Address of an existing Dask scheduler (default: LocalCluster).")]
 

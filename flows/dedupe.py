@@ -15,14 +15,18 @@ Per run:
    source, else the given one) -> ``duplicates``; connected components with a cap against giant chained clusters
    -> ``clusters`` (both derived from the graph and rewritten in one commit each).
 
-Embedding methods: ``encoder`` (``product-encoder@champion``) or ``text`` (the pretrained all-MiniLM-L6-v2 text
-tower, mean-pooled: no training needed, a strong baseline for titles).
+Embedding methods: ``encoder`` (``product-encoder@champion``), ``text`` (the pretrained all-MiniLM-L6-v2 text
+tower, mean-pooled: no training needed, a strong baseline for titles) or ``chars`` (``features.charngram``: hashed
+char n-gram TF-IDF sketches, no neural model, thousands of products per second on one core; its IDF is fitted on the
+catalog the first time and stored under ``<warehouse>/_models/char-ngrams/``, then frozen, so incremental runs keep
+their vectors; ``refit`` fits again, which re-embeds everything).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,15 +42,37 @@ from warehouse import schema
 from warehouse.tables import Warehouse
 
 PRETRAINED_TEXT = "minilm-pretrained"
+CHAR_NGRAMS = "char-ngrams"
+METHODS = ("encoder", "text", "chars")
 EMBED_PRECISIONS = ("fp32", "int8")
 
 
 class Embedder:
     """rows -> (N, D) float32 L2-normalised, with the name / version / run recorded on every row it produces."""
 
-    def __init__(self, method: str, model_version: str | None = None, precision: str = "fp32"):
+    def __init__(
+        self,
+        method: str,
+        model_version: str | None = None,
+        precision: str = "fp32",
+        artifact: tuple[str, str] | None = None,
+    ):
         if precision not in EMBED_PRECISIONS:
             raise ValueError(f"embedding precision {precision!r} is not one of {EMBED_PRECISIONS}")
+        self.method = method
+        self.text_onnx = None  # int8: the text tower's int8 ONNX Runtime export runs in its place
+        if method == "chars":
+            from features.charngram import CharNgramEmbedder
+
+            if artifact is None:
+                raise ValueError("the chars embedder needs its fitted state: resolve it with resolve_embedder(wh=...)")
+            data = Warehouse(artifact[0]).read_bytes(artifact[1])
+            if data is None:
+                raise LookupError(f"the fitted char n-gram state {artifact[1]} is missing under {artifact[0]}; "
+                                  "run `enrich dedupe --method chars --refit`")  # fmt: skip
+            self.chars = CharNgramEmbedder.from_bytes(data)
+            self.name, self.version, self.run_id = CHAR_NGRAMS, self.chars.version, None
+            return
         if method == "text":
             from features.towers import TextTower, TextTowerConfig
 
@@ -58,9 +84,7 @@ class Embedder:
             self.model, self.version, self.run_id = load_encoder(model_version)
             self.name = "product-encoder"
         else:
-            raise ValueError(f"unknown embedding method {method!r}; use 'encoder' or 'text'")
-        self.method = method
-        self.text_onnx = None  # int8: the text tower's int8 ONNX Runtime export runs in its place
+            raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
         if precision == "int8":
             from features.onnx_backend import onnx_text_tower
 
@@ -69,12 +93,13 @@ class Embedder:
     def __call__(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
         import torch
 
+        from features.matcher import serialize
         from features.onnx_backend import swapped
 
+        if self.method == "chars":
+            return self.chars([serialize(r) for r in rows])
         with torch.no_grad():
             if self.method == "text":
-                from features.matcher import serialize
-
                 return self.tower.embed_many([serialize(r) for r in rows], batch_size, states=self.text_onnx)
             from features.encoder import encode_products
 
@@ -92,6 +117,7 @@ class EmbedderRef:
     run_id: str | None
     tracking_uri: str | None
     precision: str = "fp32"
+    artifact: tuple[str, str] | None = None  # (warehouse root, path under it) of a fitted state (``chars``)
 
     @property
     def label(self) -> str:
@@ -105,17 +131,33 @@ class EmbedderRef:
 _EMBEDDERS: dict[EmbedderRef, Embedder] = {}
 
 
-def resolve_embedder(method: str, model_version: str | None = None, precision: str = "fp32") -> EmbedderRef:
-    """The embedder a run will use: ``text`` (pretrained MiniLM) or ``encoder`` (``product-encoder@champion`` or an
-    explicit version; a clear error naming what to run when there is none), in ``precision`` (``fp32`` | ``int8``:
-    the text tower int8 under ONNX Runtime; recorded as version ``<v>+int8``, so switching re-embeds everything)."""
+def resolve_embedder(
+    method: str,
+    model_version: str | None = None,
+    precision: str = "fp32",
+    *,
+    wh: Warehouse | None = None,
+    source: str | None = None,
+    refit: bool = False,
+    before_fit: Callable[[], Any] | None = None,
+) -> EmbedderRef:
+    """The embedder a run will use: ``text`` (pretrained MiniLM), ``encoder`` (``product-encoder@champion`` or an
+    explicit version; a clear error naming what to run when there is none) or ``chars`` (the char n-gram sketch
+    fitted on ``wh``'s products of ``source``: the stored fit, or a new one when there is none or ``refit``;
+    ``before_fit()`` runs first, e.g. to ingest the catalog it is fitted on). ``precision`` (``fp32`` | ``int8``:
+    the text tower int8 under ONNX Runtime; recorded as version ``<v>+int8``, so switching re-embeds everything)
+    does not apply to ``chars``, which has no tower."""
     if precision not in EMBED_PRECISIONS:
         raise ValueError(f"embedding precision {precision!r} is not one of {EMBED_PRECISIONS}")
     suffix = "+int8" if precision == "int8" else ""
     if method == "text":
         return EmbedderRef("text", PRETRAINED_TEXT, "0" + suffix, None, None, precision)
+    if method == "chars":
+        if wh is None:
+            raise ValueError("resolve_embedder('chars') needs the warehouse (wh=) its fit lives in")
+        return _char_ngrams(wh, source, refit, before_fit)
     if method != "encoder":
-        raise ValueError(f"unknown embedding method {method!r}; use 'encoder' or 'text'")
+        raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
     import mlflow
 
     from flows import tracking
@@ -128,13 +170,51 @@ def resolve_embedder(method: str, model_version: str | None = None, precision: s
     return EmbedderRef("encoder", MODEL_NAME, f"{mv.version}{suffix}", mv.run_id, mlflow.get_tracking_uri(), precision)
 
 
+def _char_ngrams(wh: Warehouse, source: str | None, refit: bool, before_fit: Callable[[], Any] | None) -> EmbedderRef:
+    """The ``chars`` embedder of ``source`` (or of all products): its stored fit, else fitted now and stored."""
+    import hashlib
+    import json
+    import re
+
+    from features.charngram import CharNgramEmbedder
+    from features.matcher import serialize
+
+    scope = "_all" if source is None else f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', source)[-40:]}-" + hashlib.sha256(
+        source.encode()).hexdigest()[:8]  # fmt: skip
+    pointer = f"_models/{CHAR_NGRAMS}/{scope}.json"
+    stored = None if refit else wh.read_bytes(pointer)
+    if stored is None:
+        if before_fit is not None:
+            before_fit()
+        if not wh.exists("products"):
+            raise LookupError("no products to fit the char n-gram IDF on; ingest a catalog first")
+        products = _products(wh, source)
+        started = time.perf_counter()
+
+        def texts():
+            for start in range(0, products.num_rows, 8192):
+                yield from (serialize(r) for r in products.slice(start, 8192).to_pylist())
+
+        fitted = CharNgramEmbedder.fit(texts())
+        path = f"_models/{CHAR_NGRAMS}/{fitted.version}.npz"
+        wh.write_bytes(path, fitted.to_bytes())
+        meta = {"version": fitted.version, "path": path, "fitted_on": fitted.fitted_on, "source": source,
+                "fitted_at": datetime.now(UTC).isoformat(),
+                "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+        wh.write_bytes(pointer, json.dumps(meta, indent=1).encode())  # last: a crash before it leaves no pointer
+        stored = json.dumps(meta).encode()
+    meta = json.loads(stored)
+    return EmbedderRef("chars", CHAR_NGRAMS, meta["version"], None, None, "fp32", artifact=(wh.root, meta["path"]))
+
+
 def load_embedder(ref: EmbedderRef) -> Embedder:
     if ref not in _EMBEDDERS:
         if ref.tracking_uri:
             import os
 
             os.environ["MLFLOW_TRACKING_URI"] = ref.tracking_uri
-        _EMBEDDERS[ref] = Embedder(ref.method, None if ref.method == "text" else ref.model_version, ref.precision)
+        version = ref.model_version if ref.method == "encoder" else None
+        _EMBEDDERS[ref] = Embedder(ref.method, version, ref.precision, ref.artifact)
     return _EMBEDDERS[ref]
 
 
@@ -388,13 +468,15 @@ def dedupe(
     full: bool = False,
     precision: str = "fp32",
     target_recall: float = 0.99,
+    refit: bool = False,
 ) -> dict[str, Any]:
     """Find duplicate products and cluster them; incremental unless ``full``. ``precision``: ``fp32`` | ``int8``
-    (the embedder's text tower int8 under ONNX Runtime: ~2x faster on CPU, vectors within ~0.01 cosine)."""
+    (the embedder's text tower int8 under ONNX Runtime: ~2x faster on CPU, vectors within ~0.01 cosine).
+    ``method``: ``encoder`` | ``text`` | ``chars`` (module docstring); ``refit``: ``chars`` fits its IDF again."""
     logger = get_run_logger()
     started = time.perf_counter()
     wh = Warehouse(warehouse_root)
-    ref = resolve_embedder(method, model_version, precision)
+    ref = resolve_embedder(method, model_version, precision, wh=wh, source=source, refit=refit)
     products = _products(wh, source)
     if products.num_rows < 2:
         raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")

@@ -257,7 +257,7 @@ def _versions(wh: Warehouse, tables: tuple[str, ...]) -> dict[str, int]:
 
 
 def _require_models(dedupe_method: str, train_if_missing: bool, source: str | None, train: dict[str, Any],
-                    ingest_first: Any = None, embed_precision: str = "fp32"):  # fmt: skip
+                    ingest_first: Any = None, embed_precision: str = "fp32", wh: Warehouse | None = None):  # fmt: skip
     """(jave ref, embedder ref): the @champion models, trained first when missing and ``train_if_missing`` (after
     ``ingest_first()`` has put the catalog in the warehouse: the models train on it)."""
     from flows.dedupe import resolve_embedder
@@ -283,9 +283,11 @@ def _require_models(dedupe_method: str, train_if_missing: bool, source: str | No
             ingest_first()
         train_jave(dataset=source, **train.get("jave", {}))
         jave = resolve_model("jave")
-    try:
-        emb = resolve_embedder(dedupe_method, precision=embed_precision)
+    try:  # chars: fitted on the catalog (ingested first) when this warehouse has no fit yet
+        emb = resolve_embedder(dedupe_method, precision=embed_precision, wh=wh, source=source, before_fit=ingest_first)
     except LookupError as e:
+        if dedupe_method != "encoder":
+            raise
         if not train_if_missing:
             raise LookupError(
                 f"nightly --dedupe-method encoder needs a `product-encoder@champion`: {e}. Train one (`enrich train "
@@ -346,7 +348,8 @@ def nightly(
             on what is in the warehouse.
         source: the name its rows are recorded under (and the labelled source to train on with
             ``train_if_missing``); the path when None.
-        dedupe_method: ``encoder`` (``product-encoder@champion``) or ``text`` (pretrained MiniLM).
+        dedupe_method: ``encoder`` (``product-encoder@champion``), ``text`` (pretrained MiniLM) or ``chars``
+            (char n-gram TF-IDF sketches, fitted on the catalog at the first run; `flows.dedupe`).
         train: keyword arguments for the trainings ``train_if_missing`` runs: ``{"jave": {...}, "encoder": {...}}``.
         device, precision, backend: where JAVE runs (``cpu`` | ``cuda`` | ``auto``), how (``fp32`` | ``bf16`` |
             ``int8`` | ``auto``) and on what (``torch`` | ``onnx`` | ``auto``: ONNX Runtime for the towers on CPU).
@@ -377,7 +380,7 @@ def nightly(
                 ingest_flow(catalog, fmt=fmt, source=source, warehouse_root=wh.root, mapping=mapping, media=media)
 
         jave_ref, emb_ref = _require_models(
-            dedupe_method, train_if_missing, source, train or {}, ingest_first, embed_precision
+            dedupe_method, train_if_missing, source, train or {}, ingest_first, embed_precision, wh
         )
         jave_ref = dataclasses.replace(
             jave_ref, device=device, precision=precision, backend=backend, visual_cache_root=wh.root

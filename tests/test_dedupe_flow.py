@@ -79,3 +79,47 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])
     assert out.exit_code == 0, out.output
     assert b in out.output
+
+
+def test_dedupe_with_char_ngram_sketches_fits_once_and_stays_incremental(tmp_path, prefect_harness):
+    from flows.dedupe import CHAR_NGRAMS, dedupe
+    from flows.ingest import ingest
+    from warehouse.sample_catalog import FIELD_MAP, generate
+    from warehouse.tables import Warehouse
+
+    cat = generate(tmp_path / "demo", n_products=200, seed=3)
+    wh_root = str(tmp_path / "wh")
+    ingest(str(cat.catalog_path), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    wh = Warehouse(wh_root)
+    truth = [tuple(sorted((r["sku_a"], r["sku_b"]))) for r in csv.DictReader(cat.duplicates_truth_path.open())]
+
+    s = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8)
+    version = s["model"].split("/", 1)[1]
+    n = wh.read("products").num_rows
+    assert s["model"].startswith(f"{CHAR_NGRAMS}/wb3-5-") and s["embedded"] == s["products"] == n
+    pointer = json.loads(wh.read_bytes(f"_models/{CHAR_NGRAMS}/_all.json"))
+    assert pointer["version"] == version and pointer["fitted_on"] == n and wh.read_bytes(pointer["path"])
+    graph = {r["product_id"]: set(r["neighbors"]) for r in wh.read("knn_graph").to_pylist()}
+    assert all(b in graph[a] or a in graph[b] for a, b in truth), "blocking: every planted pair is a candidate"
+    found = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    assert len([t for t in truth if t in found]) >= 0.5 * len(truth)
+
+    # new and changed products: embedded with the stored IDF (same version), and only they are
+    rows = [json.loads(line) for line in cat.catalog_path.read_bytes().splitlines()[:5] if line.startswith(b"{")]
+    rows = [r for r in rows if isinstance(r.get("sku"), str) and isinstance(r.get("name"), str)][:2]
+    rows[0]["name"] += " (2026 edition)"
+    rows.append(dict(rows[1], sku="NEW-1", name=rows[1]["name"].upper()))
+    delta = tmp_path / "delta.jsonl"
+    delta.write_text("\n".join(json.dumps(r) for r in [rows[0], rows[2]]))
+    ingest(str(delta), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    inc = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8)
+    assert inc["model"] == s["model"] and inc["embedded"] == 2 and inc["graph"].startswith("incremental")
+    inc_pairs = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    full = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8, full=True)
+    assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == inc_pairs and full["model"] == s["model"]
+    assert (rows[1]["sku"], "NEW-1") in inc_pairs or ("NEW-1", rows[1]["sku"]) in inc_pairs
+
+    # refit on today's catalog (one more product): a new version, so every product is embedded again
+    again = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8, refit=True)
+    assert again["model"] != s["model"] and again["embedded"] == again["products"] == n + 1
+    assert json.loads(wh.read_bytes(f"_models/{CHAR_NGRAMS}/_all.json"))["fitted_on"] == n + 1

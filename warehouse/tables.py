@@ -176,6 +176,27 @@ class Warehouse:
         except duckdb.CatalogException as e:
             raise LookupError(f"{e}; tables under {self.root}: {', '.join(self.list_tables()) or 'none yet'}") from None
 
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a small file (a fitted model's state) under the root, atomically; returns its URI."""
+        import fsspec
+
+        from warehouse.media import atomic_write
+
+        uri = self.uri(relpath)
+        fs, path = fsspec.core.url_to_fs(uri, **_fsspec_kwargs(self))
+        atomic_write(fs, path, data, local=not _is_uri(self.root))
+        return uri
+
+    def read_bytes(self, relpath: str) -> bytes | None:
+        """A file written by `write_bytes`, or None when there is none."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.uri(relpath), **_fsspec_kwargs(self))
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
     def list_tables(self) -> list[str]:
         import fsspec
 
