@@ -11,7 +11,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint docker-check bench bench-ingest bench-dedupe bench-quality bench-enrich bench-scale bench-precision bench-dedupe-quality bench-dedupe-quality-cross clean
+.PHONY: venv demo test lint docker-check bench bench-ingest bench-dedupe bench-quality bench-enrich bench-scale bench-scale-1m bench-precision bench-dedupe-quality bench-dedupe-quality-cross clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
@@ -61,6 +61,10 @@ bench-enrich: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py --sizes 10000,20000,100000 --images-up-to 10000
+
+# the million-product nightly (text-only fast path: int8 JAVE, char n-gram dedupe; about 50 min): outside `make bench`
+bench-scale-1m: $(STAMP)
+	$(PY) bench/scale.py --sizes 100000,1000000 --images-up-to 0 --dedupe-method chars --out bench/results/scale_1m.json
 
 bench-precision: $(STAMP)
 	$(PY) bench/precision.py --dataset ae-110k --data-path ../shared/data/ae-110k

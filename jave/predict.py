@@ -11,7 +11,7 @@ attribute prediction to decide which attributes a product has.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -129,7 +129,8 @@ def to_prediction(
         if gate and raw.attr_probs[a] < thresholds[a]:
             continue
         score = x.score * float(raw.attr_probs[a]) if attribute_weighted else x.score
-        extractions.append(replace(x, score=score))
+        # built directly: dataclasses.replace() introspects the fields on every call (~15% of tiny-model inference)
+        extractions.append(Extraction(x.attribute, x.value, x.field, x.begin, x.end, score))
     implicit = {}
     for (name, values), probs in zip(spec.implicit.items(), raw.implicit_probs, strict=True):
         k = int(np.argmax(probs))
