@@ -14,7 +14,8 @@ Variants, each in its own subprocess (so each peak RSS is its own):
   tower every time, fp32, no cache (on the first ``--naive-n`` products: it is slow);
 - ``cold_torch``: batched, bucketed by token length, the image tower in eager PyTorch (channels_last), bf16 autocast
   where it measures faster than fp32 (``--precision auto``; ``features.runtime.cpu_bf16_speedup``), the visual
-  feature cache empty (every image runs through the tower and is stored);
+  feature cache empty (every image runs through the tower and is stored); on the first ``--cold-torch-n`` products
+  (2,000: it is the ablation of ONNX Runtime, a rate, and a full 10k run of it cost 4.5 of ``make bench``'s 90 min);
 - ``cold``: the same with the image tower under ONNX Runtime (``--backend auto``, the default on CPU), cache empty;
 - ``warm``: ``cold`` with the cache it filled: no image is decoded or run again; the text tower in fp32 PyTorch;
 - ``warm_int8``: ``warm`` with the text tower int8-quantized under ONNX Runtime (``--precision int8``; its quality
@@ -171,7 +172,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     meta = {"model_name": "bench", "model_version": args.variant, "run_id": "bench"}
     started = time.perf_counter()
     todo = products_to_predict(wh, args.variant, None, only_changed=False)
-    n = todo.num_rows if args.variant != "naive" else min(todo.num_rows, args.naive_n)
+    limit = {"naive": args.naive_n, "cold_torch": args.cold_torch_n}.get(args.variant)
+    n = todo.num_rows if limit is None else min(todo.num_rows, limit)
     query_s = time.perf_counter() - started
     n_values, predict_s = 0, 0.0
 
@@ -303,7 +305,8 @@ def machine() -> dict:
 
 def subprocess_variant(args: argparse.Namespace, variant: str, wh: Path, ckpt: Path) -> dict:
     cmd = [sys.executable, __file__, "--variant", variant, "--warehouse", str(wh), "--checkpoint", str(ckpt),
-           "--device", args.device, "--precision", args.precision, "--naive-n", str(args.naive_n)]  # fmt: skip
+           "--device", args.device, "--precision", args.precision, "--naive-n", str(args.naive_n),
+           "--cold-torch-n", str(args.cold_torch_n)]  # fmt: skip
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load = os.getloadavg()
@@ -320,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="products (text + one image each)")
     p.add_argument("--naive-n", type=int, default=300, help="products the naive baseline runs on (it is slow)")
+    p.add_argument("--cold-torch-n", type=int, default=2000, help="products the eager-PyTorch cold variant runs on")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--default", dest="preset", action="store_const", const="default", help="pretrained towers")
     preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="random tiny towers")
@@ -363,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "date": started.isoformat(timespec="seconds"),
         "machine": machine() | {"load_avg_at_start": load_start, "load_avg_at_end": _load()},
-        "config": {"n": args.n, "naive_n": min(args.naive_n, args.n), "preset": args.preset, "device": args.device,
+        "config": {"n": args.n, "naive_n": min(args.naive_n, args.n), "cold_torch_n": min(args.cold_torch_n, args.n),
+                   "preset": args.preset, "device": args.device,
                    "precision": args.precision, "torch_threads": torch.get_num_threads(), "flow_batch": FLOW_BATCH,
                    "model": "random heads on the preset's towers (throughput does not depend on training)"},
         "matmul_gflops": mm,
