@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embed-precision", default="fp32", help="dedupe embedder precision for sizes with images")
     p.add_argument("--int8-text-only", action=argparse.BooleanOptionalAction, default=True,
                    help="text-only sizes run JAVE and the embedder in int8 (the fast path)")  # fmt: skip
+    p.add_argument("--runs", default="full,noop,one,changed", help="which runs after the full one (noop, one, changed)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--step", choices=("nightly", "train"), help=argparse.SUPPRESS)
     p.add_argument("--warehouse", help=argparse.SUPPRESS)
@@ -210,11 +211,15 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(wh, ignore_errors=True)
         print(f"{n} products ({'text + 1 image' if images else 'text only'}): {' '.join(_precisions(args, images))}",
               flush=True)  # fmt: skip
+        wanted = args.runs.split(",")
         runs = {"full": step(args, "nightly", wh, path, images, "full")}
-        runs["noop"] = step(args, "nightly", wh, path, images, "noop")
-        runs["one"] = step(args, "nightly", wh, one_changed_catalog(path)[0], images, "one")
+        if "noop" in wanted:
+            runs["noop"] = step(args, "nightly", wh, path, images, "noop")
+        if "one" in wanted:
+            runs["one"] = step(args, "nightly", wh, one_changed_catalog(path)[0], images, "one")
         changed_path, n_changed = changed_catalog(path, args.changed)
-        runs["changed"] = step(args, "nightly", wh, changed_path, images, "changed")
+        if "changed" in wanted:
+            runs["changed"] = step(args, "nightly", wh, changed_path, images, "changed")
         report["sizes"][str(n)] = {"images": images, "changed_products": n_changed, "runs": runs,
                                    "precisions": _precisions(args, images), "date": report["date"],
                                    "load_avg_end": [round(x, 2) for x in os.getloadavg()],
@@ -231,7 +236,7 @@ def _check(runs: dict, share: float) -> dict:
     out = {}
     for key in ("process_s", "flow_s"):
         for base in ("noop", "one"):
-            if base not in runs:
+            if base not in runs or "changed" not in runs:
                 continue
             full, fixed, changed = (runs[r][key] for r in ("full", base, "changed"))
             out[f"{key} over {base}"] = {
