@@ -61,8 +61,8 @@ def embed(method: str, rows: list[dict]) -> np.ndarray:
         from features.towers import TextTower, TextTowerConfig
 
         tower = TextTower(TextTowerConfig(max_length=128)).eval()
-        return np.concatenate([tower.embed([serialize(r) for r in rows[i : i + 64]]).numpy()
-                               for i in range(0, len(rows), 64)])  # fmt: skip
+        with torch.no_grad():  # the tower is trainable by default: without this its outputs carry gradients
+            return tower.embed_many([serialize(r) for r in rows], 64)
     from features.encoder import encode_products
     from flows.train_encoder import load_encoder
 
