@@ -7,6 +7,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 export PREFECT_LOGGING_LEVEL ?= WARNING
+# the ephemeral server's SQLite answers 503 while it is busy (seen once during a 1M-product nightly, for ~2 min):
+# let the client retry for ~8 min (exponential back-off) and let a statement wait 30 s, not 10, for the database
+export PREFECT_CLIENT_MAX_RETRIES ?= 8
+export PREFECT_SERVER_DATABASE_TIMEOUT ?= 30
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

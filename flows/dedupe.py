@@ -272,20 +272,38 @@ def embed_products(
     hashes = dict(zip(products.column("product_id").to_pylist(), products.column("content_hash").to_pylist(),
                       strict=True))  # fmt: skip
     known: dict[str, np.ndarray] = {}
-    if wh.exists("embeddings") and not full:
-        old = wh.sql(
-            "SELECT product_id, vector, content_hash FROM embeddings WHERE model_name = "
-            f"'{ref.name}' AND model_version = '{ref.version}'"
-        )
-        vecs = _vector_matrix(old.column("vector"))
-        known = {pid: vecs[i] for i, (pid, h) in enumerate(zip(old.column("product_id").to_pylist(),
-                 old.column("content_hash").to_pylist(), strict=True)) if hashes.get(pid) == h}  # fmt: skip
+    stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: every write merges)
+    if wh.exists("embeddings"):
+        stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
+        if full:
+            stored = None
+        else:
+            old = wh.sql(
+                "SELECT product_id, vector, content_hash FROM embeddings WHERE model_name = "
+                f"'{ref.name}' AND model_version = '{ref.version}'"
+            )
+            vecs = _vector_matrix(old.column("vector"))
+            known = {pid: vecs[i] for i, (pid, h) in enumerate(zip(old.column("product_id").to_pylist(),
+                     old.column("content_hash").to_pylist(), strict=True)) if hashes.get(pid) == h}  # fmt: skip
     todo = [i for i, pid in enumerate(hashes) if pid not in known]
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
-    commits = CommitGroups(lambda groups: wh.merge("embeddings", pa.concat_tables(groups)), commit_rows,
-                           commit_seconds)  # fmt: skip
+
+    def write(groups: list[pa.Table]) -> None:
+        # a product with no stored row is appended (a commit whose cost does not grow with the table; one append is
+        # atomic, so a rerun finds it stored); the others are merged on product_id (a scan of the table)
+        table = pa.concat_tables(groups)
+        if stored is None:
+            wh.merge("embeddings", table)
+            return
+        import pyarrow.compute as pc
+
+        fresh = pc.invert(pc.is_in(table.column("product_id"), value_set=stored))
+        wh.append("embeddings", table.filter(fresh))
+        wh.merge("embeddings", table.filter(pc.invert(fresh)))
+
+    commits = CommitGroups(write, commit_rows, commit_seconds)
     for (_, sliced), vectors in submit_windowed(embed_batch, batches, window):
         batch = sliced.to_pylist()
         now = datetime.now(UTC)
@@ -476,13 +494,17 @@ def dedupe(
     logger = get_run_logger()
     started = time.perf_counter()
     wh = Warehouse(warehouse_root)
-    ref = resolve_embedder(method, model_version, precision, wh=wh, source=source, refit=refit)
-    products = _products(wh, source)
-    if products.num_rows < 2:
-        raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")
-    known, embedded = embed_products(wh, ref, products, full=full)
-    summary = find_duplicates(wh, ref, products, known, source=source, k=k, threshold=threshold, exact_max=exact_max,
-                              target_recall=target_recall, max_cluster_size=max_cluster_size, full=full)  # fmt: skip
+    from flows.nightly import nightly_lock
+
+    with nightly_lock(wh):  # one writer per warehouse: a nightly run, or this
+        ref = resolve_embedder(method, model_version, precision, wh=wh, source=source, refit=refit)
+        products = _products(wh, source)
+        if products.num_rows < 2:
+            raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")
+        known, embedded = embed_products(wh, ref, products, full=full)
+        summary = find_duplicates(wh, ref, products, known, source=source, k=k, threshold=threshold,
+                                  exact_max=exact_max, target_recall=target_recall, max_cluster_size=max_cluster_size,
+                                  full=full)  # fmt: skip
     summary = {"embedded": embedded, **summary, "seconds": round(time.perf_counter() - started, 2)}
     logger.info("dedupe: %s", summary)
     create_markdown_artifact(key="dedupe-summary", markdown=dedupe_summary_markdown(summary),

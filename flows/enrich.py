@@ -1,9 +1,11 @@
 """Prefect flows ``enrich`` (warehouse products × ``jave@champion`` -> attribute values) and ``evaluate-jave``.
 
 Incremental: a product is predicted when it is new, its ``content_hash`` changed, or the model version changed
-since its last prediction (``predicted_products`` keeps that state). Per batch, one atomic replaceWhere per table:
+since its last prediction (``predicted_products`` keeps that state). Per commit group, one atomic commit per table:
 accepted values (score ≥ the attribute's threshold chosen on validation) go to ``attribute_predictions``, the others
-to ``review_queue`` — nothing is dropped — and the product's previous rows are replaced, never duplicated.
+to ``review_queue`` — nothing is dropped — and the product's previous rows are replaced (replaceWhere), never
+duplicated; a product never predicted before has no rows to replace, so its rows are appended (a commit whose cost
+does not grow with the table). One writer per warehouse at a time (the nightly holds a lock).
 """
 
 from __future__ import annotations
@@ -97,13 +99,13 @@ def products_to_predict(
         where.append("p.source = '" + source.replace("'", "''") + "'")
     if since is not None:
         where.append(f"p.last_seen > TIMESTAMPTZ '{since.isoformat()}'")
-    if only_changed and wh.exists("predicted_products"):
-        where.append(
-            f"(d.product_id IS NULL OR d.content_hash != p.content_hash OR d.model_version != '{model_version}')"
-        )
-        join = "LEFT JOIN predicted_products d ON d.product_id = p.product_id"
-    else:
-        join = ""
+    join, seen = "", "FALSE"
+    if wh.exists("predicted_products"):  # predicted before: its rows are replaced; never predicted: appended
+        join, seen = "LEFT JOIN predicted_products d ON d.product_id = p.product_id", "d.product_id IS NOT NULL"
+        if only_changed:
+            where.append(
+                f"(d.product_id IS NULL OR d.content_hash != p.content_hash OR d.model_version != '{model_version}')"
+            )
     media_col = ""
     if wh.exists("media"):  # each image's sha256 + decoded blob: the visual cache's key, and no refetch of the source
         media_col = ", m.image_media"
@@ -112,7 +114,8 @@ def products_to_predict(
             " FROM media WHERE kind = 'image' AND status = 'ok' GROUP BY product_id) m ON m.product_id = p.product_id"
         )
     sql = (
-        f"SELECT p.product_id, p.title, p.description, p.category, p.specs, p.images, p.content_hash{media_col} "
+        f"SELECT p.product_id, p.title, p.description, p.category, p.specs, p.images, p.content_hash{media_col}, "
+        f"{seen} AS predicted_before "
         f"FROM products p {join} {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY p.product_id"
     )
     return wh.sql(sql)
@@ -144,19 +147,49 @@ def write_predictions(wh: Warehouse, rows: list[dict], preds: list[dict], meta: 
         }  # fmt: skip
         (accepted if p["accepted"] else review).append(out)
         counts[p["product_id"]][0 if p["accepted"] else 1] += 1
-    ids = list(hashes)
-    # review first, predictions second, state last: a crash in between re-predicts the batch on the next run
-    wh.replace_where("review_queue", pa.Table.from_pylist(review, schema=schema.ATTRIBUTE_PREDICTIONS), "product_id",
-                     ids)  # fmt: skip
-    wh.replace_where("attribute_predictions", pa.Table.from_pylist(accepted, schema=schema.ATTRIBUTE_PREDICTIONS),
-                     "product_id", ids)  # fmt: skip
     state = [
         {"product_id": pid, "content_hash": hashes[pid], "model_name": meta["model_name"],
          "model_version": meta["model_version"], "mlflow_run_id": meta["run_id"], "accepted": a, "in_review": r,
          "predicted_at": now}
         for pid, (a, r) in counts.items()
     ]  # fmt: skip
-    wh.merge("predicted_products", pa.Table.from_pylist(state, schema=schema.PREDICTED_PRODUCTS))
+    # Products predicted before have their rows replaced (replaceWhere: a scan of the table per commit). Products
+    # never predicted have no rows, so theirs are appended, a cost that does not grow with the table; rows left by a
+    # run that died before the product's state was written are deleted first (`clear_orphans`).
+    # Review first, predictions second, state last: a crash in between re-predicts the batch on the next run.
+    fresh = {r["product_id"] for r in rows if not r.get("predicted_before")}
+    from prefect.runtime import task_run
+
+    if task_run.run_count > 1:  # a retry: the failed attempt may have committed some of the appends
+        for table in ("review_queue", "attribute_predictions", "predicted_products"):
+            wh.delete_where(table, "product_id", sorted(fresh))
+    for table, out in (("review_queue", review), ("attribute_predictions", accepted), ("predicted_products", state)):
+        new = [o for o in out if o["product_id"] in fresh]
+        old = [o for o in out if o["product_id"] not in fresh]
+        wh.ensure(table)  # exists after the first run even when it holds no rows yet (readers query it)
+        wh.append(table, pa.Table.from_pylist(new, schema=schema.TABLES[table]))
+        if table == "predicted_products":
+            wh.merge(table, pa.Table.from_pylist(old, schema=schema.TABLES[table]))
+        else:
+            wh.replace_where(table, pa.Table.from_pylist(old, schema=schema.TABLES[table]), "product_id",
+                             [pid for pid in hashes if pid not in fresh])  # fmt: skip
+
+
+def clear_orphans(wh: Warehouse, todo: pa.Table) -> int:
+    """Delete the rows of never-predicted products in ``todo`` that a crashed run appended before it wrote the
+    product's state (they are about to be predicted again, and appended again); returns how many products had some.
+    One scan of each table's ``product_id`` column per run, not per commit."""
+    if todo.num_rows == 0 or "predicted_before" not in todo.column_names:
+        return 0
+    import pyarrow.compute as pc
+
+    fresh = todo.filter(pc.invert(todo.column("predicted_before"))).column("product_id").to_pylist()
+    found: set[str] = set()
+    for table in ("review_queue", "attribute_predictions"):
+        orphans = wh.present(table, "product_id", fresh)
+        wh.delete_where(table, "product_id", sorted(orphans))
+        found |= orphans
+    return len(found)
 
 
 class CommitGroups:
@@ -230,6 +263,9 @@ def predict_products(
         write_predictions(wh, quote([r for rows, _ in groups for r in rows]),
                           quote([p for _, preds in groups for p in preds]), meta, datetime.now(UTC))  # fmt: skip
 
+    orphans = clear_orphans(wh, todo)
+    if orphans:
+        logger.warning("deleted the rows of %d products left by a run that stopped before writing their state", orphans)
     commits = CommitGroups(write, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
     batches = ((ref, todo.slice(s, batch_size)) for s in range(0, todo.num_rows, batch_size))
@@ -301,8 +337,11 @@ def enrich(
     wh = Warehouse(warehouse_root)
     ref = replace(resolve_model(model_name, model_version), device=device, precision=precision, backend=backend,
                   visual_cache_root=wh.root if visual_cache else None)  # fmt: skip
-    todo = products_to_predict(wh, ref.version, source, only_changed)
-    out = predict_products(wh, ref, todo, batch_size=batch_size)
+    from flows.nightly import nightly_lock
+
+    with nightly_lock(wh):  # one writer per warehouse: a nightly run, or this
+        todo = products_to_predict(wh, ref.version, source, only_changed)
+        out = predict_products(wh, ref, todo, batch_size=batch_size)
     seconds = time.perf_counter() - started
     summary = {
         "products": todo.num_rows, "values_accepted": out["values_accepted"],

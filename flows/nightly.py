@@ -58,7 +58,7 @@ WRITES = {
 
 
 class NightlyBusy(RuntimeError):
-    """Another nightly run holds the warehouse."""
+    """Another run (nightly, enrich or dedupe) holds the warehouse."""
 
 
 # -- the run record ---------------------------------------------------------------------------------------------------
@@ -143,8 +143,8 @@ def nightly_lock(wh: Warehouse, mode: str = "auto", wait_s: float = 0.0, lease_s
                         fh.seek(0)
                         holder = fh.read().strip() or "unknown"
                         raise NightlyBusy(
-                            f"another nightly run holds {path} ({holder}); waited {wait_s:.0f}s. Let it finish, or "
-                            f"pass --wait-s N to wait longer"
+                            f"another run (nightly, enrich or dedupe) holds {path} ({holder}); waited {wait_s:.0f}s. "
+                            f"Let it finish, or pass --wait-s N to wait longer"
                         ) from None
                     time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
             fh.seek(0)
@@ -175,8 +175,8 @@ def nightly_lock(wh: Warehouse, mode: str = "auto", wait_s: float = 0.0, lease_s
             ctx.__enter__()
         except TimeoutError:
             raise NightlyBusy(
-                f"another nightly run holds the Prefect concurrency limit {LOCK_NAME!r}; waited {wait_s:.0f}s. Let "
-                f"it finish, or pass --wait-s N to wait longer"
+                f"another run (nightly, enrich or dedupe) holds the Prefect concurrency limit {LOCK_NAME!r}; waited "
+                f"{wait_s:.0f}s. Let it finish, or pass --wait-s N to wait longer"
             ) from None
         try:
             yield f"prefect concurrency limit {LOCK_NAME}"

@@ -181,6 +181,46 @@ def test_failed_run_resumes_without_redoing_or_duplicating(base, tmp_path, monke
     _assert_same(_snapshot(wh_root), base["snapshot"])
 
 
+def test_crash_between_appended_rows_and_state_leaves_no_duplicates(base, tmp_path, monkeypatch):
+    """Never-predicted products have their rows appended, then their state written. A write that fails in between
+    is retried by its task, which first deletes what the failed attempt appended; a run killed in between leaves
+    rows with no state, which the next run deletes before predicting those products again."""
+    import flows.enrich as enrich_mod
+    from warehouse.tables import Warehouse
+
+    original = Warehouse.append
+    calls = {"n": 0}
+
+    def fails_at_third_state(self, table, data):
+        if table == "predicted_products":
+            calls["n"] += 1
+            if calls["n"] == 3 or (calls["n"] > 3 and calls["always"]):
+                raise RuntimeError("killed between the rows and the state")
+        return original(self, table, data)
+
+    monkeypatch.setattr(Warehouse, "append", fails_at_third_state)
+    calls["always"] = False  # one failed attempt: the task's retry completes the run
+    s = _run(str(tmp_path / "retried"), base["catalog"])
+    assert calls["n"] > 3 and s["status"] == "succeeded"
+    _assert_same(_snapshot(str(tmp_path / "retried")), base["snapshot"])
+
+    calls.update(n=0, always=True)  # the process dies: no retry
+    monkeypatch.setattr(enrich_mod, "write_predictions", enrich_mod.write_predictions.with_options(retries=0))
+    wh_root = str(tmp_path / "wh")
+    with pytest.raises(RuntimeError, match="between the rows and the state"):
+        _run(wh_root, base["catalog"])
+    wh = Warehouse(wh_root)
+    assert wh.read("predicted_products").num_rows == 2 * 64
+    rows = {r["product_id"] for t in ("review_queue", "attribute_predictions") for r in wh.read(t).to_pylist()}
+    stateless = rows - {r["product_id"] for r in wh.read("predicted_products").to_pylist()}
+    assert 0 < len(stateless) <= 64, "the third group's rows were committed without their state"
+
+    monkeypatch.setattr(Warehouse, "append", original)
+    s = _run(wh_root, base["catalog"])
+    assert s["predicted_products"] == wh.read("products").num_rows - 2 * 64
+    _assert_same(_snapshot(wh_root), base["snapshot"])
+
+
 def test_one_nightly_at_a_time(base, tmp_path):
     from flows.nightly import NightlyBusy, nightly_lock
     from warehouse.tables import Warehouse
@@ -197,7 +237,7 @@ def test_one_nightly_at_a_time(base, tmp_path):
     t = threading.Thread(target=other_run)
     t.start()
     assert held.wait(10)
-    with pytest.raises(NightlyBusy, match="another nightly run holds"):
+    with pytest.raises(NightlyBusy, match=r"another run \(nightly, enrich or dedupe\) holds"):
         _run(wh_root, base["catalog"], wait_s=0.5)
     assert not wh.exists("runs") and not wh.exists("products"), "a run that could not start writes nothing"
 

@@ -167,6 +167,13 @@ def test_replace_where_is_one_atomic_replacement(tmp_path):
     got = sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist())
     assert got == [("a", "Navy"), ("b", "Green")], "stale predictions of a re-predicted product are gone"
 
+    assert wh.present("attribute_predictions", "product_id", ["a", "c", "b'"]) == {"a"}
+    assert wh.present("review_queue", "product_id", ["a"]) == set(), "a table not written yet holds nothing"
+    v = wh.version("attribute_predictions")
+    wh.delete_where("attribute_predictions", "product_id", ["a", "zz"])
+    assert wh.version("attribute_predictions") == v + 1
+    assert [r["product_id"] for r in wh.read("attribute_predictions").to_pylist()] == ["b"]
+
 
 def _messy_jsonl(path) -> None:
     import json

@@ -146,6 +146,25 @@ class Warehouse:
             storage_options=self.storage_options,
         )
 
+    def delete_where(self, table: str, column: str, values: Sequence[str]) -> None:
+        """Delete every row whose ``column`` is in ``values`` (one commit; nothing to do writes nothing)."""
+        if values and self.exists(table):
+            quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+            self.table(table).delete(f"{column} IN ({quoted})")
+
+    def present(self, table: str, column: str, values: Sequence[str]) -> set[str]:
+        """Which of ``values`` occur in ``column`` of ``table`` (one streaming scan of that column alone)."""
+        if not values or not self.exists(table):
+            return set()
+        import pyarrow.compute as pc
+
+        wanted = pa.array(list(values), pa.string())
+        found: set[str] = set()
+        for batch in self.table(table).to_pyarrow_dataset().to_batches(columns=[column]):
+            col = batch.column(0)
+            found.update(col.filter(pc.is_in(col, value_set=wanted.cast(col.type))).to_pylist())
+        return found
+
     def overwrite(self, table: str, data: pa.Table) -> None:
         """Replace the whole table in one commit (for derived tables recomputed as a whole: duplicates, clusters)."""
         target_schema = schema.TABLES[table]
