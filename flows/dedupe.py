@@ -24,6 +24,7 @@ their vectors; ``refit`` fits again, which re-embeds everything).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -366,6 +367,14 @@ def _stored_graph(wh: Warehouse, label: str):
     )
 
 
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task (it shows in the UI), the module's logger outside one."""
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: called as a library
+        return logging.getLogger(__name__)
+
+
 def find_duplicates(
     wh: Warehouse,
     ref: EmbedderRef,
@@ -404,6 +413,11 @@ def find_duplicates(
             return None
         index = build_index(x, kind="ivf")
         ann["nprobe"], ann["recall"] = tune_nprobe(index, x, k, target_recall=target_recall)
+        if ann["recall"] < target_recall:
+            _logger().warning(
+                "approximate search reaches recall@%d %.3f of the target %.2f at nprobe %d (the cap on its cost); "
+                "raise --exact-max to %d for exact search, or use embeddings that separate products better",
+                k, ann["recall"], target_recall, ann["nprobe"], len(x))  # fmt: skip
         return index
 
     ann: dict[str, Any] = {"nprobe": None, "recall": None}

@@ -199,3 +199,27 @@ def test_nmi_purity_and_threshold_toy():
     assert (cut, f1) == (0.8, 1.0)
     with pytest.raises(ValueError, match="no positive labels"):
         threshold_for_f1(np.array([0.1]), np.array([0]))
+
+
+def test_recall_counts_ties_and_tuning_stops_at_its_cost_cap():
+    # three products tie at 0.9 for the second place: exact lists b, approximate lists c; both are right
+    exact, approx = np.array([[1, 2]]), np.array([[1, 3]])
+    assert recall_at_k(approx, exact) == 0.5
+    assert recall_at_k(approx, exact, np.array([[0.95, 0.9]]), np.array([[0.95, 0.9]])) == 1.0
+    assert recall_at_k(approx, exact, np.array([[0.95, 0.8]]), np.array([[0.95, 0.9]])) == 0.5
+
+    # templated catalog: groups of identical vectors, so the top-k is mostly ties
+    rng = np.random.default_rng(11)
+    base = rng.normal(size=(400, 32)).astype(np.float32)
+    x = np.repeat(base, 25, axis=0) + rng.normal(scale=1e-7, size=(10_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ivf = build_index(x, kind="ivf", nlist=100, nprobe=1)
+    nprobe, recall = tune_nprobe(ivf, x, 10, target_recall=0.99, sample=300)
+    assert recall >= 0.99 and nprobe < 100, "ties do not force exhaustive probing"
+
+    spread = rng.normal(size=(20_000, 32)).astype(np.float32)  # no structure: IVF needs many lists for recall
+    spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+    ivf = build_index(spread, kind="ivf", nlist=200, nprobe=1)
+    nprobe, recall = tune_nprobe(ivf, spread, 10, target_recall=1.0, sample=300, max_candidates=800)
+    assert nprobe == 8 == ivf.nprobe, "stops where a query scans max_candidates vectors (800 * 200 / 20,000)"
+    assert recall < 0.9
