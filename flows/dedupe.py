@@ -275,10 +275,10 @@ def embed_products(
     known: dict[str, np.ndarray] = {}
     stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: every write merges)
     if wh.exists("embeddings"):
-        stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
         if full:
             stored = None
         else:
+            stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
             old = wh.sql(
                 "SELECT product_id, vector, content_hash FROM embeddings WHERE model_name = "
                 f"'{ref.name}' AND model_version = '{ref.version}'"

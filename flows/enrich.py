@@ -158,6 +158,7 @@ def write_predictions(wh: Warehouse, rows: list[dict], preds: list[dict], meta: 
     # run that died before the product's state was written are deleted first (`clear_orphans`).
     # Review first, predictions second, state last: a crash in between re-predicts the batch on the next run.
     fresh = {r["product_id"] for r in rows if not r.get("predicted_before")}
+    before = [pid for pid in hashes if pid not in fresh]
     from prefect.runtime import task_run
 
     if task_run.run_count > 1:  # a retry: the failed attempt may have committed some of the appends
@@ -171,8 +172,7 @@ def write_predictions(wh: Warehouse, rows: list[dict], preds: list[dict], meta: 
         if table == "predicted_products":
             wh.merge(table, pa.Table.from_pylist(old, schema=schema.TABLES[table]))
         else:
-            wh.replace_where(table, pa.Table.from_pylist(old, schema=schema.TABLES[table]), "product_id",
-                             [pid for pid in hashes if pid not in fresh])  # fmt: skip
+            wh.replace_where(table, pa.Table.from_pylist(old, schema=schema.TABLES[table]), "product_id", before)
 
 
 def clear_orphans(wh: Warehouse, todo: pa.Table) -> int:

@@ -137,20 +137,18 @@ class Warehouse:
             return
         self.ensure(table)
         target_schema = schema.TABLES[table]
-        quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
         write_deltalake(
             self.uri(table),
             data.select(target_schema.names).cast(target_schema),
             mode="overwrite",
-            predicate=f"{column} IN ({quoted})",
+            predicate=_in_list(column, values),
             storage_options=self.storage_options,
         )
 
     def delete_where(self, table: str, column: str, values: Sequence[str]) -> None:
         """Delete every row whose ``column`` is in ``values`` (one commit; nothing to do writes nothing)."""
         if values and self.exists(table):
-            quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
-            self.table(table).delete(f"{column} IN ({quoted})")
+            self.table(table).delete(_in_list(column, values))
 
     def present(self, table: str, column: str, values: Sequence[str]) -> set[str]:
         """Which of ``values`` occur in ``column`` of ``table`` (one streaming scan of that column alone)."""
@@ -234,6 +232,11 @@ class Warehouse:
 _UNIQUE_COLUMNS: dict[str, tuple[str, ...]] = {
     "products": ("product_id", "title", "description", "extra", "content_hash"),
 }
+
+
+def _in_list(column: str, values: Sequence[str]) -> str:
+    """The SQL predicate ``column IN ('v1', ...)`` with each value quoted."""
+    return f"{column} IN (" + ", ".join("'" + str(v).replace("'", "''") + "'" for v in values) + ")"
 
 
 def _writer_properties(table: str) -> WriterProperties:
