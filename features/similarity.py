@@ -216,6 +216,10 @@ class NeighborGraph:
     neighbors: np.ndarray
     scores: np.ndarray
 
+    def top(self, k: int) -> NeighborGraph:
+        """The graph served ``k`` deep: each list's first ``k`` entries (the rest are spares kept for updates)."""
+        return NeighborGraph(ids=self.ids, neighbors=self.neighbors[:, :k], scores=self.scores[:, :k])
+
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The undirected pair set (a, b, score), ``a < b`` in id order, each pair once, sorted by (a, b)."""
         n, k = self.neighbors.shape
@@ -346,6 +350,71 @@ def candidate_pairs(
     return knn_graph(ids, vectors, k, index=index, queries_mask=queries_mask).pairs()
 
 
+def cross_topk(
+    x: np.ndarray,
+    queries: np.ndarray,
+    k_rows: int,
+    k_cols: int,
+    *,
+    self_offset: int | None = None,
+    row_floor: np.ndarray | None = None,
+    block_bytes: int = 256 << 20,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both directions of one exact (N, C) inner product, in one pass over ``x``.
+
+    Returns ``(row_scores, row_ids)`` (N, k_rows): each row of ``x``'s best queries, and ``(col_scores, col_ids)``
+    (C, k_cols): each query's best rows of ``x``; best first, padded with -inf / -1. With ``self_offset``, query j
+    is row ``self_offset + j`` of ``x`` and that pair is left out of both. With ``row_floor`` (N,), a row keeps only
+    queries scoring at least its floor (an update needs only the new vectors that enter a list, and few rows have
+    any). Blocks of ``x`` rows keep the (C, b) score matrix under ``block_bytes``. Per block, one maximum per
+    query and one per row pick the queries whose running top-k the block improves and the rows that reach their
+    floor, and ``torch.topk`` runs on those alone: after the first blocks few qualify, and the pass costs little
+    more than its matrix products.
+    """
+    import torch
+
+    x, q = _as_matrix(x), _as_matrix(queries, "queries")
+    n, c = len(x), len(q)
+    kr, kc = min(k_rows, c), min(k_cols, n)
+    row_s = np.full((n, k_rows), -np.inf, np.float32)
+    row_i = np.full((n, k_rows), -1, np.int64)
+    col_s = torch.full((c, kc), -np.inf)
+    col_i = torch.full((c, kc), -1, dtype=torch.int64)
+    block = max(1, block_bytes // (4 * max(c, 1)))
+    qq = torch.from_numpy(q)
+    floor = None if row_floor is None else torch.from_numpy(np.asarray(row_floor, np.float32))
+    with torch.no_grad():
+        for lo in range(0, n if c else 0, block):
+            s = qq @ torch.from_numpy(x[lo : lo + block]).T  # (C, b): a query's scores are contiguous
+            b = s.shape[1]
+            if self_offset is not None:
+                r = torch.arange(max(lo, self_offset), min(lo + b, self_offset + c))
+                s[r - self_offset, r - lo] = -np.inf
+            if kc:
+                cols = torch.nonzero(s.amax(1) > col_s[:, -1]).flatten()
+                top = torch.topk(s[cols], min(kc, b), dim=1)
+                merged_s = torch.cat([col_s[cols], top.values], 1)
+                merged_i = torch.cat([col_i[cols], top.indices + lo], 1)
+                best = torch.topk(merged_s, kc, dim=1)
+                col_s[cols], col_i[cols] = best.values, torch.gather(merged_i, 1, best.indices)
+            if kr:
+                rows = torch.arange(b)
+                if floor is not None:
+                    rows = torch.nonzero(s.amax(0) >= floor[lo : lo + b]).flatten()
+                top = torch.topk(s[:, rows], kr, dim=0)
+                vals = top.values
+                if floor is not None:
+                    vals = torch.where(vals >= floor[lo + rows], vals, -np.inf)
+                row_s[lo + rows.numpy(), :kr] = vals.T.numpy()
+                row_i[lo + rows.numpy(), :kr] = top.indices.T.numpy()
+    col_scores = np.full((c, k_cols), -np.inf, np.float32)
+    col_ids = np.full((c, k_cols), -1, np.int64)
+    col_scores[:, :kc], col_ids[:, :kc] = col_s.numpy(), col_i.numpy()
+    for s_, i_ in ((row_s, row_i), (col_scores, col_ids)):
+        i_[np.isneginf(s_)] = -1  # a masked self pair, below the floor, or padding
+    return row_s, row_i, col_scores, col_ids
+
+
 def update_graph(
     graph: NeighborGraph,
     vectors: np.ndarray,
@@ -354,13 +423,20 @@ def update_graph(
     *,
     removed_ids: np.ndarray | None = None,
     index=None,
+    k: int | None = None,
+    depth: int | None = None,
+    exact_queries: int = 0,
 ) -> tuple[NeighborGraph, np.ndarray]:
-    """The top-k graph after adding new products and replacing changed ones, without re-querying the rest.
+    """The graph after adding new products and replacing changed ones, with work proportional to the change.
 
-    Old rows keep their order (changed and removed ones dropped) and new rows follow. Re-queried against the updated
-    index: new/changed products, and old products whose list held a changed or removed one. Every other old product
-    has only to see whether a new vector beats its current k-th neighbour, which one exact (N_old, C) inner product
-    decides. With an exact index the result equals ``knn_graph`` on the updated catalog (up to score ties).
+    Lists are kept ``depth`` deep and served ``k`` deep: the ``depth - k`` spare entries let a list lose neighbours
+    (changed or deleted products) and still hold its exact top-k. One exact (N, C) product against the C new
+    vectors (``cross_topk``) gives both directions at once: every new product's list, and every old list's best new
+    candidates. An old list keeps its surviving entries plus the new candidates scoring at least its lowest survivor
+    (an unchanged product below that score was never in the list, so nothing between is missing). Only a list left
+    with fewer than ``k`` entries is searched again: exactly when there are at most ``max(C, exact_queries)`` of
+    them, else through ``index``. With exact search the top-k lists equal ``knn_graph`` on the updated catalog (up
+    to score ties); the cost is one (N, C) product, not a new index over N.
 
     Args:
         graph: the current graph, over ``vectors``.
@@ -368,9 +444,11 @@ def update_graph(
         new_ids: ids of new or changed products (C,).
         new_vectors: (C, D) their vectors.
         removed_ids: ids deleted from the catalog, if any.
-        index: a faiss index over the returned vectors (old kept rows, then new), or a function building one from
-            them; exact when None. With an approximate index the re-searched lists are as good as that index (the
-            result then differs from a full approximate recompute, and is at least as close to exact).
+        index: for lists searched again: a faiss index over the returned vectors (old kept rows, then new), or a
+            function building one from them; exact search when None.
+        k: entries a list must hold to be served (default: the graph's width, i.e. no spare).
+        depth: entries kept per list (default: the graph's width); a list searched again gets this many.
+        exact_queries: lists searched again exactly, not through ``index``, up to this many (or C, if more).
 
     Returns:
         The updated graph and its (N', D) vectors.
@@ -379,7 +457,9 @@ def update_graph(
     new_ids = np.asarray(new_ids)
     if len(new_ids) != len(new_x):
         raise ValueError(f"new_ids has {len(new_ids)} entries but new_vectors has {len(new_x)} rows")
-    k = graph.neighbors.shape[1]
+    width = graph.neighbors.shape[1]
+    depth = width if depth is None else depth
+    k = depth if k is None else min(k, depth)
     gone = np.isin(graph.ids, new_ids)
     if removed_ids is not None:
         gone |= np.isin(graph.ids, np.asarray(removed_ids))
@@ -387,33 +467,40 @@ def update_graph(
     remap = np.full(len(graph.ids) + 1, -1, dtype=np.int64)  # slot -1 maps the padding to itself
     remap[kept] = np.arange(len(kept))
     ids = np.concatenate([graph.ids[kept], new_ids])
-    x = np.concatenate([old_x[kept], new_x])
+    x = np.concatenate([old_x[kept], new_x]) if len(new_x) else old_x[kept]
     n_old, n = len(kept), len(ids)
-    k = min(k, n - 1)
-    old_nbrs = graph.neighbors[kept, :k]
+    depth, k = min(depth, n - 1), min(k, n - 1)
+
+    old_nbrs = graph.neighbors[kept, : min(width, depth)]
     nbrs = remap[old_nbrs]
-    scores = graph.scores[kept, :k].copy()
-    stale = ((nbrs < 0) & (old_nbrs >= 0)).any(1) | (old_nbrs < 0).any(1)
+    scores = np.where(nbrs >= 0, graph.scores[kept, : nbrs.shape[1]], -np.inf).astype(np.float32)
+    # a list that held every other product has no cutoff; any other list is exact down to its lowest survivor
+    complete = (old_nbrs >= 0).sum(1) >= len(graph.ids) - 1
+    cutoff = np.where(complete, -np.inf, np.where(nbrs >= 0, scores, np.inf).min(1, initial=np.inf))
 
-    neighbors = np.full((n, k), -1, dtype=np.int64)
-    all_scores = np.full((n, k), -np.inf, dtype=np.float32)
-    requery = np.concatenate([np.flatnonzero(stale), np.arange(n_old, n)])
-    if len(requery) and k > 0:
-        if callable(index):  # a factory: the index can only be built once the updated vectors are known
+    neighbors = np.full((n, depth), -1, dtype=np.int64)
+    all_scores = np.full((n, depth), -np.inf, dtype=np.float32)
+    if len(new_x) and depth > 0:
+        floor = np.r_[cutoff, np.full(len(new_x), np.inf)]  # new rows' own lists come from the columns
+        row_s, row_j, col_s, col_j = cross_topk(x, new_x, depth, depth, self_offset=n_old, row_floor=floor)
+        neighbors[n_old:], all_scores[n_old:] = col_j, col_s
+        enter = (row_j[:n_old] >= 0) & (row_s[:n_old] >= cutoff[:, None])
+        cand_n = np.concatenate([nbrs, np.where(enter, row_j[:n_old] + n_old, -1)], axis=1)
+        cand_s = np.concatenate([scores, np.where(enter, row_s[:n_old], -np.inf)], axis=1)
+    else:
+        cand_n, cand_s = nbrs, scores
+    order = np.argsort(-cand_s, axis=1, kind="stable")[:, :depth]
+    w = order.shape[1]
+    neighbors[:n_old, :w] = np.take_along_axis(cand_n, order, 1)
+    all_scores[:n_old, :w] = np.take_along_axis(cand_s, order, 1)
+
+    stale = np.flatnonzero((neighbors[:n_old] >= 0).sum(1) < k)
+    if len(stale) and depth > 0:
+        if len(stale) <= max(len(new_x), exact_queries):
+            index = None
+        elif callable(index):  # a factory: the index can only be built once the updated vectors are known
             index = index(x)
-        neighbors[requery], all_scores[requery] = _topk_excluding_self(index, x, requery, k)
-
-    fresh = np.flatnonzero(~stale)
-    if len(fresh) and len(new_x) and k > 0:
-        # can a new vector enter a fresh old list? exact scores against the new vectors only: (N_fresh, C)
-        s_new, j_new = exact_topk(x[fresh], new_x, min(k, len(new_x)))
-        cand_n = np.concatenate([nbrs[fresh], np.where(j_new >= 0, j_new + n_old, -1)], axis=1)
-        cand_s = np.concatenate([scores[fresh], np.where(j_new >= 0, s_new, -np.inf)], axis=1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        neighbors[fresh] = np.take_along_axis(cand_n, order, 1)
-        all_scores[fresh] = np.take_along_axis(cand_s, order, 1)
-    elif len(fresh):
-        neighbors[fresh], all_scores[fresh] = nbrs[fresh], scores[fresh]
+        neighbors[stale], all_scores[stale] = _topk_excluding_self(index, x, stale, depth)
     return NeighborGraph(ids=ids, neighbors=neighbors, scores=all_scores), x
 
 

@@ -4,13 +4,15 @@ Per run:
 
 1. embed the products that are new or changed (content hash) or not yet embedded by this model version; the
    others keep their vectors (Delta table ``embeddings``);
-2. the top-k neighbour graph (``knn_graph``): built once, then updated incrementally — only new/changed products
-   (and old ones whose list held a changed product) are searched against the index; every other list only checks
-   whether a new vector enters it (``features.similarity.update_graph``, equal to a full recompute with an exact
-   index). Exact inner product up to ``exact_max`` products (50k); beyond, IVF whose ``nprobe`` is raised until the
-   self-join's recall@k against exact search, measured on a sample, reaches ``target_recall`` (0.99); the recall
-   and nprobe are reported. An incremental run on an IVF graph re-searches the changed lists through a fresh IVF
-   index over the updated vectors;
+2. the top-k neighbour graph (``knn_graph``): built once, then updated incrementally
+   (``features.similarity.update_graph``). Lists are stored k + k/2 deep and served k deep. One exact product of
+   the new/changed vectors against all vectors gives their lists and the new candidates of every old list; a list
+   that lost neighbours to a change keeps its exact top-k from its spare entries, and only one that lost more than
+   its spares is searched again. With exact search this equals a full recompute; the work is proportional to the
+   change (one (N, C) product), with no index built. A full build (the first run, ``--full``, or more than N/16
+   changed beyond ``exact_max``) uses exact inner product up to ``exact_max`` products (50k); beyond, IVF whose
+   ``nprobe`` is raised until the self-join's recall@k against exact search, measured on a sample, reaches
+   ``target_recall`` (0.99); the recall and nprobe are reported;
 3. pairs scoring at least the threshold (chosen on labelled validation pairs when the warehouse has them for this
    source, else the given one) -> ``duplicates``; connected components with a cap against giant chained clusters
    -> ``clusters`` (both derived from the graph and rewritten in one commit each).
@@ -388,9 +390,13 @@ def find_duplicates(
     target_recall: float = 0.99,
     max_cluster_size: int = 50,
     full: bool = False,
+    spare: int | None = None,
 ) -> dict[str, Any]:
     """The top-k graph (updated incrementally when one of this model version exists), then pairs over the threshold
-    -> ``duplicates`` and guarded connected components -> ``clusters``."""
+    -> ``duplicates`` and guarded connected components -> ``clusters``.
+
+    Lists are stored ``k + spare`` deep (spare: k // 2, at least 2) and served ``k`` deep, so a product whose
+    neighbours change or leave keeps its exact top-k without being searched again (``update_graph``)."""
     from features.similarity import (
         build_index,
         cluster,
@@ -408,41 +414,47 @@ def find_duplicates(
 
     def index_for(x: np.ndarray):
         """None (exact search) up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's
-        recall@k on a sample reaches ``target_recall`` (measured against exact search, reported in the summary)."""
+        recall at the stored depth on a sample reaches ``target_recall`` (measured against exact search, reported in
+        the summary; the spare entries must be right too, since an update may promote them into the top k)."""
         if len(x) <= exact_max:
             return None
         index = build_index(x, kind="ivf")
-        ann["nprobe"], ann["recall"] = tune_nprobe(index, x, k, target_recall=target_recall)
+        ann["nprobe"], ann["recall"] = tune_nprobe(index, x, depth, target_recall=target_recall)
         if ann["recall"] < target_recall:
             _logger().warning(
                 "approximate search reaches recall@%d %.3f of the target %.2f at nprobe %d (the cap on its cost); "
                 "raise --exact-max to %d for exact search, or use embeddings that separate products better",
-                k, ann["recall"], target_recall, ann["nprobe"], len(x))  # fmt: skip
+                depth, ann["recall"], target_recall, ann["nprobe"], len(x))  # fmt: skip
         return index
 
+    depth = k + (max(2, k // 2) if spare is None else spare)
     ann: dict[str, Any] = {"nprobe": None, "recall": None}
     graph, mode = None, "full"
     old_graph, searched_with = (None, {}) if full else _stored_graph(wh, ref.label)
-    if old_graph is not None and old_graph.neighbors.shape[1] != min(k, len(ids) - 1):
-        old_graph = None  # k changed: the stored lists cannot be extended incrementally
+    if old_graph is not None and old_graph.neighbors.shape[1] < min(k, len(ids) - 1):
+        old_graph = None  # a larger k than the stored lists hold: built again at the new depth
     if old_graph is not None:
         # re-search what is new or changed since the graph was built (by content hash, not by what this run
         # embedded: a run stopped between the embeddings and the graph write leaves changed vectors behind)
         old_ids = old_graph.ids.tolist()
         changed_ids = np.array([p for p in ids.tolist() if searched_with.get(p) != hashes[p]], dtype=object)
-        removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
-        old_vec = np.stack([known[p] if p in known else np.zeros(vectors.shape[1], np.float32) for p in old_ids])
-        new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros((0, vectors.shape[1]),
-                                                                                               np.float32)  # fmt: skip
-        graph, _ = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed, index=index_for)
-        assert set(graph.ids.tolist()) == set(ids.tolist())
-        mode = f"incremental ({len(changed_ids)} re-searched)"
+        # one exact (N, C) product costs about as much as an approximate self-join of all N beyond C ≈ N/16
+        # (1M char sketches: 10k changed in ~60 s, the IVF build + tune + self-join ~390 s)
+        if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
+            removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
+            old_vec = np.stack([known[p] if p in known else np.zeros(vectors.shape[1], np.float32) for p in old_ids])
+            new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros(
+                (0, vectors.shape[1]), np.float32)  # fmt: skip
+            graph, _ = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed, index=index_for,
+                                    k=k, depth=depth, exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
+            assert set(graph.ids.tolist()) == set(ids.tolist())
+            mode = f"incremental ({len(changed_ids)} re-searched)"
     if graph is None:
-        graph = knn_graph(ids, vectors, k, index=index_for(vectors))
+        graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
     thr, thr_how = (threshold, "given")
     if source is not None or wh.exists("pairs"):
         thr, thr_how = _threshold(wh, source, ids, vectors, threshold)
-    a, b, score = graph.pairs()
+    a, b, score = graph.top(k).pairs()  # the spare entries beyond k only serve later updates
     keep = score >= thr
     a, b, score = a[keep], b[keep], score[keep]
     version = ref.label
@@ -471,7 +483,7 @@ def find_duplicates(
     wh.overwrite("knn_graph", graph_t)
     dist = cluster_size_distribution(cl)
     return {
-        "products": int(len(ids)), "graph": mode, "k": k, "threshold": thr, "threshold_from": thr_how,
+        "products": int(len(ids)), "graph": mode, "k": k, "depth": depth, "threshold": thr, "threshold_from": thr_how,
         "duplicate_pairs": int(len(a)), "clusters": dist["clusters"],
         "non_singleton_clusters": dist["clusters"] - dist["singletons"], "largest_cluster": dist["max"],
         "cluster_sizes": dist["histogram"], "ann_recall_at_k": ann["recall"], "ann_nprobe": ann["nprobe"],

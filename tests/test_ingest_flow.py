@@ -227,3 +227,38 @@ def test_ingest_on_s3(tmp_path, prefect_harness, moto_s3):
     assert blob.startswith("s3://shop/warehouse/media_blobs/")
     assert client.head_object(Bucket="shop", Key=blob.removeprefix("s3://shop/"))["ContentLength"] > 0
     assert wh.sql("SELECT count(*) AS n FROM quarantine").to_pylist() == [{"n": 2}]
+
+
+def test_changed_rows_are_merged_once_per_run_not_once_per_batch(tmp_path, prefect_harness):
+    from flows.ingest import ingest
+    from warehouse.sample_catalog import FIELD_MAP, generate
+
+    cat = generate(tmp_path / "demo", n_products=60, seed=5)
+    wh_root = str(tmp_path / "wh")
+    first = ingest(str(cat.catalog_path), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False, batch_size=10)
+    wh = Warehouse(wh_root)
+    stored, seen, edited, want = set(wh.read("products").column("product_id").to_pylist()), set(), [], {}
+    for i, line in enumerate(cat.catalog_path.read_bytes().splitlines()):  # some lines are bad on purpose
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        sku = row.get("sku") if isinstance(row, dict) else None
+        first_seen = sku in stored and sku not in seen
+        seen.add(sku)
+        if i % 10 == 3 and first_seen:
+            row["name"] = f"{row.get('name')} (renamed {i})"
+            want[row["sku"]] = row["name"]
+            line = json.dumps(row).encode()
+        edited.append(line)
+    path = tmp_path / "edited.jsonl"
+    path.write_bytes(b"\n".join(edited) + b"\n")
+    assert len(want) >= 4 and first["accepted"] > 40
+    before = wh.version("products")
+    again = ingest(str(path), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False, batch_size=10)
+    assert again["changed"] == len(want) and again["new"] == 0
+    # the changed rows of every batch land in one merge: one new table version, not one per batch
+    assert wh.version("products") == before + 1
+    titles = {r["product_id"]: r["title"] for r in wh.read("products").to_pylist()}
+    assert all(titles[p] == t for p, t in want.items())
+    assert len(titles) == first["new"]

@@ -170,13 +170,57 @@ def test_incremental_update_through_an_ivf_index_stays_close_to_exact():
         return index
 
     graph = knn_graph(ids[old], x[old], 10, index=ivf(x[old]))
+    # 200 new products: their lists and the old lists' new candidates come from one exact product, no index
     updated, vectors = update_graph(graph, x[old], ids[new], x[new], index=ivf)
-    assert built == [len(old), len(x)] and len(updated.ids) == len(x)
+    assert built == [len(old)] and len(updated.ids) == len(x)
     full = knn_graph(updated.ids, vectors, 10)
     got, want = pair_set(*updated.pairs()[:2]), pair_set(*full.pairs()[:2])
     assert len(got & want) >= 0.97 * len(want)
-    unchanged, _ = update_graph(updated, vectors, ids[:0], x[:0], index=ivf)  # nothing to re-search: no index built
-    assert len(built) == 2 and pair_set(*unchanged.pairs()[:2]) == got
+    # a quarter of the catalog deleted: the lists that lost neighbours are too many to search exactly
+    removed = rng.choice(ids, len(ids) // 4, replace=False)
+    shrunk, vectors = update_graph(updated, vectors, ids[:0], x[:0], removed_ids=removed, index=ivf)
+    assert built == [len(old), len(x) - len(removed)]
+    full = knn_graph(shrunk.ids, vectors, 10)
+    got, want = pair_set(*shrunk.pairs()[:2]), pair_set(*full.pairs()[:2])
+    assert len(got & want) >= 0.97 * len(want)
+
+
+def test_spare_entries_keep_lists_exact_and_the_work_proportional_to_the_change(monkeypatch):
+    import features.similarity as sim
+
+    x, _ = clustered(n_groups=300, size=4, d=24, noise=0.3, singletons=800, seed=11)
+    rng = np.random.default_rng(12)
+    ids = np.arange(len(x)) * 10
+    searched, spying = [], [False]
+    real = sim._topk_excluding_self
+
+    def spy(index, xx, rows, k):
+        searched.extend([len(rows)] * spying[0])
+        return real(index, xx, rows, k)
+
+    graph = knn_graph(ids, x, 9)  # served 6 deep, 3 spares
+    monkeypatch.setattr(sim, "_topk_excluding_self", spy)
+    vectors = x
+    for _ in range(4):  # nightly runs: 2% of the products change, 1% are deleted, 1% are new
+        changed = rng.choice(graph.ids, len(graph.ids) // 50, replace=False)
+        removed = rng.choice(np.setdiff1d(graph.ids, changed), len(graph.ids) // 100, replace=False)
+        pos = {p: i for i, p in enumerate(graph.ids.tolist())}
+        moved = normalize(vectors[[pos[p] for p in changed]] + 0.4 * rng.standard_normal((len(changed), 24)))
+        fresh = normalize(rng.standard_normal((len(graph.ids) // 100, 24)))
+        fresh_ids = ids.max() + 10 * (1 + np.arange(len(fresh)))
+        ids = np.concatenate([ids, fresh_ids])
+        spying[0] = True
+        graph, vectors = update_graph(graph, vectors, np.concatenate([changed, fresh_ids]),
+                                      np.concatenate([moved, fresh]), removed_ids=removed, k=6, depth=9)  # fmt: skip
+        spying[0] = False
+        full = knn_graph(graph.ids, vectors, 6)
+        ua, ub, us = graph.top(6).pairs()
+        fa, fb, fs = full.pairs()
+        assert pair_set(ua, ub) == pair_set(fa, fb)
+        np.testing.assert_allclose(us, fs, atol=1e-5)
+        assert ((graph.neighbors >= 0).sum(1) >= 6).all() and graph.neighbors.shape[1] == 9
+    # lists searched again: those that lost more than their spares, a small share of the 4 x 2,000 lists
+    assert sum(searched) < 0.02 * 4 * len(graph.ids)
 
 
 def test_giant_cluster_guard_cuts_a_chain_at_its_weakest_links():
