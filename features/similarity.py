@@ -387,8 +387,9 @@ def cross_topk(
         for lo in range(0, n if c else 0, block):
             s = qq @ torch.from_numpy(x[lo : lo + block]).T  # (C, b): a query's scores are contiguous
             b = s.shape[1]
-            if self_offset is not None:
-                r = torch.arange(max(lo, self_offset), min(lo + b, self_offset + c))
+            first, last = max(lo, self_offset or 0), min(lo + b, (self_offset or 0) + c)
+            if self_offset is not None and first < last:  # the block holds some queries' own rows
+                r = torch.arange(first, last)
                 s[r - self_offset, r - lo] = -np.inf
             if kc:
                 cols = torch.nonzero(s.amax(1) > col_s[:, -1]).flatten()

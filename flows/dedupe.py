@@ -410,7 +410,7 @@ def find_duplicates(
     now = datetime.now(UTC)
     ids = np.array(products.column("product_id").to_pylist(), dtype=object)
     hashes = dict(zip(ids.tolist(), products.column("content_hash").to_pylist(), strict=True))
-    vectors = np.stack([known[pid] for pid in ids.tolist()]).astype(np.float32)
+    dim = len(next(iter(known.values())))
 
     def index_for(x: np.ndarray):
         """None (exact search) up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's
@@ -442,18 +442,21 @@ def find_duplicates(
         # (1M char sketches: 10k changed in ~60 s, the IVF build + tune + self-join ~390 s)
         if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
             removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
-            old_vec = np.stack([known[p] if p in known else np.zeros(vectors.shape[1], np.float32) for p in old_ids])
-            new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros(
-                (0, vectors.shape[1]), np.float32)  # fmt: skip
-            graph, _ = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed, index=index_for,
-                                    k=k, depth=depth, exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
+            # vectors are stacked in the graph's order only (one (N, D) copy; update_graph returns the updated one)
+            old_vec = np.stack([known[p] if p in known else np.zeros(dim, np.float32) for p in old_ids])
+            new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros((0, dim), np.float32)
+            graph, vectors = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed,
+                                          index=index_for, k=k, depth=depth,
+                                          exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
+            del old_vec
             assert set(graph.ids.tolist()) == set(ids.tolist())
             mode = f"incremental ({len(changed_ids)} re-searched)"
     if graph is None:
+        vectors = np.stack([known[pid] for pid in ids.tolist()]).astype(np.float32)
         graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
     thr, thr_how = (threshold, "given")
     if source is not None or wh.exists("pairs"):
-        thr, thr_how = _threshold(wh, source, ids, vectors, threshold)
+        thr, thr_how = _threshold(wh, source, graph.ids, vectors, threshold)  # vectors in the graph's order
     a, b, score = graph.top(k).pairs()  # the spare entries beyond k only serve later updates
     keep = score >= thr
     a, b, score = a[keep], b[keep], score[keep]

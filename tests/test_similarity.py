@@ -10,6 +10,7 @@ from features.similarity import (
     candidate_pairs,
     cluster,
     cluster_size_distribution,
+    cross_topk,
     default_nlist,
     exact_topk,
     knn_graph,
@@ -267,3 +268,22 @@ def test_recall_counts_ties_and_tuning_stops_at_its_cost_cap():
     nprobe, recall = tune_nprobe(ivf, spread, 10, target_recall=1.0, sample=300, max_candidates=800)
     assert nprobe == 8 == ivf.nprobe, "stops where a query scans max_candidates vectors (800 * 200 / 20,000)"
     assert recall < 0.9
+
+
+def test_cross_topk_equals_brute_force_in_both_directions_across_blocks():
+    x = normalize(np.random.default_rng(13).standard_normal((500, 16)))
+    off, c = 300, 120  # queries are rows 300..419 of x: their own pairs are left out
+    s = x @ x[off : off + c].T
+    s[off + np.arange(c), np.arange(c)] = -np.inf
+    floor = np.quantile(s.max(1), 0.7) * np.ones(len(x), np.float32)  # most rows have no query over their floor
+    row_s, row_i, col_s, col_i = cross_topk(x, x[off : off + c], 4, 6, self_offset=off, row_floor=floor,
+                                            block_bytes=4 * c * 37)  # 37 rows per block: 14 blocks  # fmt: skip
+    want_col = np.argsort(-s, axis=0, kind="stable")[:6].T
+    np.testing.assert_allclose(col_s, np.take_along_axis(s.T, want_col, 1), atol=1e-5)
+    assert (col_i == want_col).mean() > 0.99 and not (col_i == off + np.arange(c)[:, None]).any()
+    want_row = np.argsort(-s, axis=1, kind="stable")[:, :4]
+    want_s = np.take_along_axis(s, want_row, 1)
+    want_s = np.where(want_s >= floor[:, None], want_s, -np.inf)
+    np.testing.assert_allclose(row_s, want_s, atol=1e-5)
+    assert ((row_i >= 0) == np.isfinite(want_s)).all() and (row_i[row_i >= 0] == want_row[row_i >= 0]).mean() > 0.99
+    assert 0 < np.isfinite(row_s[:, 0]).sum() < len(x)  # the floor left some rows without candidates
