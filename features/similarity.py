@@ -7,10 +7,11 @@ beyond; ``recall_at_k`` measures an approximate index against exact search.
 Candidate pairs come from a directed top-k graph (``NeighborGraph``: row i holds the k nearest other products of
 i); the pair set is its undirected union, each pair once with ``a < b``. The graph, not the pair list, is what an
 incremental run keeps: an undirected pair does not say whose top-k it came from, so without the directed lists a
-new product that displaces an old neighbour could not be accounted for. ``update_graph`` re-queries only the new
-and changed products, the old products whose lists pointed at a changed one, and scores every old product against
-the new vectors alone (an (N, C) product) to let new products enter old lists; with an exact index its pairs equal a
-full recompute on the updated catalog.
+new product that displaces an old neighbour could not be accounted for. Lists may be kept deeper than they are
+served (``NeighborGraph.top``): ``update_graph`` scores the new and changed vectors against all (one (N, C) product,
+``cross_topk``, both directions at once), lets them enter the old lists they beat, and searches again only the lists
+that lost more neighbours than their spare entries; with exact search its top-k pairs equal a full recompute on the
+updated catalog.
 
 ``cluster`` is connected components under a size cap: edges are merged strongest first (Kruskal order) and a merge
 that would make a component larger than ``max_cluster_size`` is refused. Components under the cap are exactly the
