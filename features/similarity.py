@@ -469,7 +469,7 @@ def update_graph(
     remap = np.full(len(graph.ids) + 1, -1, dtype=np.int64)  # slot -1 maps the padding to itself
     remap[kept] = np.arange(len(kept))
     ids = np.concatenate([graph.ids[kept], new_ids])
-    x = np.concatenate([old_x[kept], new_x]) if len(new_x) else old_x[kept]
+    x = np.concatenate([old_x[kept], new_x])
     n_old, n = len(kept), len(ids)
     depth, k = min(depth, n - 1), min(k, n - 1)
 
