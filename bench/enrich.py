@@ -152,7 +152,15 @@ def _env() -> dict[str, str]:
 
 
 def run_variant(args: argparse.Namespace) -> dict:
-    from flows.enrich import CommitGroups, ModelRef, prepare_enricher, products_to_predict, write_predictions
+    from flows.enrich import (
+        CommitGroups,
+        ModelRef,
+        PredictionGroup,
+        prediction_tables,
+        prepare_enricher,
+        products_to_predict,
+        write_predictions,
+    )
     from flows.jave_pyfunc import JaveEnricher
     from warehouse.tables import Warehouse
 
@@ -177,9 +185,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     query_s = time.perf_counter() - started
     n_values, predict_s = 0, 0.0
 
-    def write(groups: list[tuple[list[dict], list[dict]]]) -> None:  # the flow's grouped commits (predict_products)
-        write_predictions.fn(wh, [r for rows, _ in groups for r in rows], [p for _, preds in groups for p in preds],
-                             meta, datetime.now(UTC))  # fmt: skip
+    def write(groups: list[PredictionGroup]) -> None:  # the flow's grouped commits (predict_products)
+        write_predictions.fn(wh, PredictionGroup.concat(groups))
 
     commits = CommitGroups(write)
     for start in range(0, n, FLOW_BATCH):
@@ -189,7 +196,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         preds = naive_predict(enricher, rows) if args.variant == "naive" else enricher.predict_rows(rows)
         predict_s += time.perf_counter() - t
-        commits.add((rows, preds), len(rows))
+        commits.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
         n_values += len(preds)
     commits.flush()
     seconds = time.perf_counter() - started

@@ -512,7 +512,7 @@ def nightly(
     batch_size: int = 256,
     commit_rows: Annotated[
         int, typer.Option(min=1, help="Products per Delta commit of predictions / embeddings (or every 30 s).")
-    ] = 4096,
+    ] = 16384,
     train_if_missing: Annotated[bool, typer.Option(help="Train small models when there is no @champion.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     precision: PrecisionOpt = "auto",

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -253,18 +253,77 @@ def _threshold(wh: Warehouse, source: str | None, ids: np.ndarray, vectors: np.n
     return float(thr), f"F1-optimal on {len(pairs)} labelled validation pairs (valid F1 {f1:.3f})"
 
 
+class StoredVectors(Mapping[str, np.ndarray]):
+    """{product_id: vector} of one embedder version: the stored (N, D) matrix plus the vectors embedded in this run.
+    ``stack(ids)`` gathers rows in one copy (a dict of 1M numpy views and ``np.stack`` over it took ~8 s at 1M)."""
+
+    def __init__(self, ids: list[str], matrix: np.ndarray):
+        self._pos = {p: i for i, p in enumerate(ids)}
+        self._matrix = matrix
+        self._new: dict[str, int] = {}  # product_id -> row of the run's vectors
+        self._chunks: list[np.ndarray] = []
+
+    def add(self, ids: list[str], vectors: np.ndarray) -> None:
+        base = sum(len(c) for c in self._chunks)
+        self._chunks.append(np.asarray(vectors, np.float32))
+        self._new.update({p: base + i for i, p in enumerate(ids)})
+
+    @property
+    def dim(self) -> int:
+        return self._matrix.shape[1] if len(self._matrix) else (self._chunks[0].shape[1] if self._chunks else 0)
+
+    def __getitem__(self, pid: str) -> np.ndarray:
+        if pid in self._new:
+            return self.stack([pid])[0]
+        return self._matrix[self._pos[pid]]
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._new or pid in self._pos
+
+    def __iter__(self) -> Iterator[str]:
+        yield from (p for p in self._pos if p not in self._new)
+        yield from self._new
+
+    def __len__(self) -> int:
+        return len(self._new) + sum(1 for p in self._pos if p not in self._new)
+
+    def stack(self, ids: Iterable[str], *, missing: str = "raise") -> np.ndarray:
+        """(len(ids), D) float32 in the order of ``ids``; an id with no vector raises, or is a zero row with
+        ``missing="zeros"``."""
+        ids = list(ids)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        new_rows = np.fromiter((self._new.get(p, -1) for p in ids), np.int64, len(ids))
+        old_rows = np.fromiter((self._pos.get(p, -1) for p in ids), np.int64, len(ids))
+        old_rows[new_rows >= 0] = -1  # embedded again in this run: the new vector
+        for rows, src in ((old_rows, self._matrix), (new_rows, self._chunks[0] if self._chunks else None)):
+            hit = rows >= 0
+            if len(ids) and hit.all():
+                np.take(src, rows, axis=0, out=out, mode="clip")  # one copy ("raise" would buffer ``out``)
+            elif hit.any():
+                out[hit] = src[rows[hit]]
+        lost = (old_rows < 0) & (new_rows < 0)
+        if missing != "zeros" and lost.any():
+            first = [ids[i] for i in np.flatnonzero(lost)[:3]]
+            raise KeyError(f"{int(lost.sum())} products have no vector (first: {first}); run the embed stage first")
+        return out
+
+
 def embed_products(
     wh: Warehouse,
     ref: EmbedderRef,
     products: pa.Table,
     *,
     full: bool = False,
+    vectors: bool = True,
     batch_size: int = 512,
     window: int = 1,
-    commit_rows: int = 8192,
+    commit_rows: int = 16384,
     commit_seconds: float = 30.0,
-) -> tuple[dict[str, np.ndarray], int]:
-    """Vectors of every product in ``products`` -> ({product_id: vector}, how many were embedded now).
+) -> tuple[StoredVectors | None, int]:
+    """Vectors of every product in ``products`` -> (their ``StoredVectors``, how many were embedded now); with
+    ``vectors=False`` only the embedding is done and the first element is None (the stored vectors are not read).
 
     Products whose current content this model version already embedded keep their stored vector; the others are
     embedded batch by batch through the flow's task runner and merged into ``embeddings`` in groups of
@@ -274,7 +333,8 @@ def embed_products(
     logger = get_run_logger()
     hashes = dict(zip(products.column("product_id").to_pylist(), products.column("content_hash").to_pylist(),
                       strict=True))  # fmt: skip
-    known: dict[str, np.ndarray] = {}
+    known_ids: list[str] = []
+    matrix = np.zeros((0, 0), np.float32)
     stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: every write merges)
     if wh.exists("embeddings"):
         if full:
@@ -282,13 +342,20 @@ def embed_products(
         else:
             stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
             old = wh.sql(
-                "SELECT product_id, vector, content_hash FROM embeddings WHERE model_name = "
+                f"SELECT product_id, content_hash{', vector' if vectors else ''} FROM embeddings WHERE model_name = "
                 f"'{ref.name}' AND model_version = '{ref.version}'"
             )
-            vecs = _vector_matrix(old.column("vector"))
-            known = {pid: vecs[i] for i, (pid, h) in enumerate(zip(old.column("product_id").to_pylist(),
-                     old.column("content_hash").to_pylist(), strict=True)) if hashes.get(pid) == h}  # fmt: skip
-    todo = [i for i, pid in enumerate(hashes) if pid not in known]
+            old_ids, old_hashes = old.column("product_id").to_pylist(), old.column("content_hash").to_pylist()
+            same = [hashes.get(pid) == h for pid, h in zip(old_ids, old_hashes, strict=True)]
+            keep = np.flatnonzero(np.array(same, dtype=bool))
+            known_ids = old.column("product_id").take(pa.array(keep, pa.int64())).to_pylist()
+            if vectors:
+                matrix = _vector_matrix(old.column("vector"))
+                matrix = matrix if len(keep) == len(same) else matrix[keep]
+    known = StoredVectors(known_ids, matrix) if vectors else None
+    have = set(known_ids)
+    todo = [i for i, pid in enumerate(hashes) if pid not in have]
+    del have
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
@@ -307,18 +374,19 @@ def embed_products(
         wh.merge("embeddings", table.filter(pc.invert(fresh)))
 
     commits = CommitGroups(write, commit_rows, commit_seconds)
-    for (_, sliced), vectors in submit_windowed(embed_batch, batches, window):
+    for (_, sliced), vecs in submit_windowed(embed_batch, batches, window):
         batch = sliced.to_pylist()
         now = datetime.now(UTC)
         n = len(batch)
+        ids = [r["product_id"] for r in batch]
         emb = pa.table({
-            "product_id": [r["product_id"] for r in batch], "vector": list(vectors),
+            "product_id": ids, "vector": list(vecs),
             "content_hash": [r["content_hash"] for r in batch], "model_name": [ref.name] * n,
             "model_version": [ref.version] * n, "mlflow_run_id": [ref.run_id] * n, "embedded_at": [now] * n,
         })  # fmt: skip
         commits.add(emb.cast(schema.EMBEDDINGS), n)
-        for r, v in zip(batch, vectors, strict=True):
-            known[r["product_id"]] = np.asarray(v, np.float32)
+        if known is not None:
+            known.add(ids, np.asarray(vecs, np.float32))
         done += n
         logger.info("embedded %d / %d products", done, rows.num_rows)
     commits.flush()
@@ -381,7 +449,7 @@ def find_duplicates(
     wh: Warehouse,
     ref: EmbedderRef,
     products: pa.Table,
-    known: dict[str, np.ndarray],
+    known: StoredVectors,
     *,
     source: str | None = None,
     k: int = 10,
@@ -410,7 +478,6 @@ def find_duplicates(
     now = datetime.now(UTC)
     ids = np.array(products.column("product_id").to_pylist(), dtype=object)
     hashes = dict(zip(ids.tolist(), products.column("content_hash").to_pylist(), strict=True))
-    dim = len(next(iter(known.values())))
 
     def index_for(x: np.ndarray):
         """None (exact search) up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's
@@ -443,8 +510,8 @@ def find_duplicates(
         if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
             removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
             # vectors are stacked in the graph's order only (one (N, D) copy; update_graph returns the updated one)
-            old_vec = np.stack([known[p] if p in known else np.zeros(dim, np.float32) for p in old_ids])
-            new_vec = np.stack([known[p] for p in changed_ids]) if len(changed_ids) else np.zeros((0, dim), np.float32)
+            old_vec = known.stack(old_ids, missing="zeros")  # a product gone from the catalog: removed below
+            new_vec = known.stack(changed_ids.tolist())
             graph, vectors = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed,
                                           index=index_for, k=k, depth=depth,
                                           exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
@@ -452,34 +519,39 @@ def find_duplicates(
             assert set(graph.ids.tolist()) == set(ids.tolist())
             mode = f"incremental ({len(changed_ids)} re-searched)"
     if graph is None:
-        vectors = np.stack([known[pid] for pid in ids.tolist()]).astype(np.float32)
+        vectors = known.stack(ids.tolist())
         graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
     thr, thr_how = (threshold, "given")
     if source is not None or wh.exists("pairs"):
         thr, thr_how = _threshold(wh, source, graph.ids, vectors, threshold)  # vectors in the graph's order
-    a, b, score = graph.top(k).pairs()  # the spare entries beyond k only serve later updates
+    ia, ib, score = graph.top(k).pair_positions()  # the spare entries beyond k only serve later updates
     keep = score >= thr
-    a, b, score = a[keep], b[keep], score[keep]
+    ia, ib, score = ia[keep], ib[keep], score[keep]
     version = ref.label
-    dup = pa.table({"a": a.tolist(), "b": b.tolist(), "score": score, "method": ["cosine"] * len(a),
-                    "threshold": np.full(len(a), thr, np.float32), "model_version": [version] * len(a),
-                    "run_id": [run_id] * len(a), "detected_at": [now] * len(a)})  # fmt: skip
     gids = graph.ids
-    cl = cluster(a, b, gids, scores=score, max_cluster_size=max_cluster_size)
-    first: dict[int, str] = {}
-    for pid, c in sorted(zip(gids.tolist(), cl.tolist(), strict=True)):
-        first.setdefault(c, pid)
+    id_arr = pa.array(gids.tolist(), pa.string())  # ids go to Arrow by ``take`` (no Python string per graph entry)
+    n_pairs = len(ia)
+    dup = pa.table({"a": id_arr.take(pa.array(ia)), "b": id_arr.take(pa.array(ib)), "score": score,
+                    "method": pa.repeat("cosine", n_pairs), "threshold": np.full(n_pairs, thr, np.float32),
+                    "model_version": pa.repeat(version, n_pairs), "run_id": pa.repeat(run_id, n_pairs),
+                    "detected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", "UTC")), n_pairs)})  # fmt: skip
+    cl = cluster(ia, ib, len(gids), scores=score, max_cluster_size=max_cluster_size)
+    # a cluster's id is its smallest product id: stable across runs whatever the graph's row order
+    by_id = np.argsort(gids, kind="stable")
+    _, first = np.unique(cl[by_id], return_index=True)
+    rep = np.empty(cl.max() + 1 if len(cl) else 0, np.int64)
+    rep[cl[by_id[first]]] = by_id[first]
     sizes = np.bincount(cl)
-    clusters = pa.table({"product_id": gids.tolist(), "cluster_id": [first[c] for c in cl.tolist()],
-                         "cluster_size": sizes[cl].astype(np.int32), "model_version": [version] * len(gids),
-                         "run_id": [run_id] * len(gids)})  # fmt: skip
+    clusters = pa.table({"product_id": id_arr, "cluster_id": id_arr.take(pa.array(rep[cl])),
+                         "cluster_size": sizes[cl].astype(np.int32), "model_version": pa.repeat(version, len(gids)),
+                         "run_id": pa.repeat(run_id, len(gids))})  # fmt: skip
     valid = graph.neighbors >= 0  # row-major: each row's neighbours stay in order, best first
     offsets = pa.array(np.r_[0, np.cumsum(valid.sum(1))].astype(np.int32))
-    nbr_ids = pa.ListArray.from_arrays(offsets, pa.array(gids[graph.neighbors[valid]].tolist(), pa.string()))
+    nbr_ids = pa.ListArray.from_arrays(offsets, id_arr.take(pa.array(graph.neighbors[valid])))
     nbr_sc = pa.ListArray.from_arrays(offsets, pa.array(graph.scores[valid], pa.float32()))
-    graph_t = pa.table({"product_id": gids.tolist(), "neighbors": nbr_ids, "scores": nbr_sc,
-                        "model_version": [version] * len(gids),
-                        "content_hash": [hashes[p] for p in gids.tolist()]})  # fmt: skip
+    graph_t = pa.table({"product_id": id_arr, "neighbors": nbr_ids, "scores": nbr_sc,
+                        "model_version": pa.repeat(version, len(gids)),
+                        "content_hash": pa.array([hashes[p] for p in gids.tolist()], pa.string())})  # fmt: skip
     # graph last: until it is written, the next run sees these products as changed and searches them again
     wh.overwrite("duplicates", dup)
     wh.overwrite("clusters", clusters)
@@ -487,7 +559,7 @@ def find_duplicates(
     dist = cluster_size_distribution(cl)
     return {
         "products": int(len(ids)), "graph": mode, "k": k, "depth": depth, "threshold": thr, "threshold_from": thr_how,
-        "duplicate_pairs": int(len(a)), "clusters": dist["clusters"],
+        "duplicate_pairs": int(n_pairs), "clusters": dist["clusters"],
         "non_singleton_clusters": dist["clusters"] - dist["singletons"], "largest_cluster": dist["max"],
         "cluster_sizes": dist["histogram"], "ann_recall_at_k": ann["recall"], "ann_nprobe": ann["nprobe"],
         "model": version, "run_id": run_id,

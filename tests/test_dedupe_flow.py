@@ -7,6 +7,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 
@@ -141,3 +142,21 @@ def test_dedupe_with_char_ngram_sketches_fits_once_and_stays_incremental(tmp_pat
     again = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8, refit=True)
     assert again["model"] != s["model"] and again["embedded"] == again["products"] == n + 1
     assert json.loads(wh.read_bytes(f"_models/{CHAR_NGRAMS}/_all.json"))["fitted_on"] == n + 1
+
+
+def test_stored_vectors_stack_in_order_and_prefer_this_runs_vectors():
+    from flows.dedupe import StoredVectors
+
+    base = np.arange(12, dtype=np.float32).reshape(4, 3)
+    store = StoredVectors(["a", "b", "c", "d"], base)
+    store.add(["e"], np.full((1, 3), 7, np.float32))
+    store.add(["b", "f"], np.array([[-1, -1, -1], [9, 9, 9]], np.float32))  # b re-embedded in this run
+    got = store.stack(["f", "a", "b", "e", "d"])
+    assert got.dtype == np.float32 and got.shape == (5, 3)
+    np.testing.assert_array_equal(got, [[9, 9, 9], [0, 1, 2], [-1, -1, -1], [7, 7, 7], [9, 10, 11]])
+    np.testing.assert_array_equal(store["b"], [-1, -1, -1])
+    assert len(store) == 6 and set(store) == set("abcdef") and "z" not in store
+    np.testing.assert_array_equal(store.stack(["a", "z"], missing="zeros"), [[0, 1, 2], [0, 0, 0]])
+    with pytest.raises(KeyError, match=r"1 products have no vector \(first: \['z'\]\)"):
+        store.stack(["a", "z"])
+    assert store.stack([]).shape == (0, 3)
