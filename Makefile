@@ -66,7 +66,7 @@ bench-enrich: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py --sizes 10000,20000,100000 --images-up-to 10000
 
-# the million-product nightly (text-only fast path: int8 JAVE, char n-gram dedupe; 46 min measured), its full run then
+# the million-product nightly (text-only fast path: int8 JAVE, char n-gram dedupe; 42 min measured), its full run then
 # one-product and 1% reruns: outside `make bench`
 bench-scale-1m: $(STAMP)
 	$(PY) bench/scale.py --sizes 1000000 --images-up-to 0 --dedupe-method chars --runs one,changed \
