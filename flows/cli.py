@@ -173,6 +173,30 @@ def sql(
     print_arrow(result, max_rows=max_rows, max_width=max_width)
 
 
+@app.command()
+@_friendly
+def maintain(
+    table: Annotated[list[str] | None, typer.Option(help="A table to maintain (repeatable); default: all.")] = None,
+    retention_hours: Annotated[
+        int, typer.Option(min=0, help="Keep files that versions of the last N hours still read (Delta: 168).")
+    ] = 168,
+    compact: Annotated[bool, typer.Option(help="Rewrite small files into larger ones first.")] = True,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Compact the tables and delete the files replaced more than --retention-hours ago (Delta vacuum), under the
+    nightly's lock. Merges and replaceWheres leave the replaced files behind: run this weekly, or the warehouse of a
+    nightly catalog grows without bound."""
+    from flows.nightly import nightly_lock
+    from warehouse.tables import Warehouse
+
+    wh = Warehouse(warehouse)
+    with nightly_lock(wh):
+        out = wh.maintain(table or None, retention_hours=retention_hours, compact=compact)
+    import pyarrow as pa
+
+    print_arrow(pa.Table.from_pylist([{"table": t, **v} for t, v in out.items()]), title="maintain")
+
+
 def print_arrow(result, *, max_rows: int = 50, max_width: int = 60, title: str | None = None) -> None:
     table = Table(show_header=True, title=title)
     for name in result.column_names:

@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_commands():
     out = runner.invoke(app, ["--help"])
     assert out.exit_code == 0
-    for cmd in ("ingest", "import", "sql", "demo"):
+    for cmd in ("ingest", "import", "sql", "maintain", "demo"):
         assert cmd in out.output
 
 
@@ -29,6 +29,13 @@ def test_ingest_then_sql(tmp_path, prefect_harness):
     assert "missing_title" in out.output
     out = runner.invoke(app, ["sql", "SELECT product_id FROM products ORDER BY 1", "-w", wh])
     assert out.exit_code == 0 and "a" in out.output and "c" in out.output
+    out = runner.invoke(app, ["maintain", "-w", wh, "--retention-hours", "0"])
+    assert out.exit_code == 0, out.output
+    assert "products" in out.output and "quarantine" in out.output and "files_deleted" in out.output
+    out = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM products", "-w", wh])
+    assert out.exit_code == 0 and "│ 2 " in out.output, out.output
+    out = runner.invoke(app, ["maintain", "-w", wh, "--table", "product"])
+    assert out.exit_code != 0 and "unknown tables ['product']" in out.output
 
 
 def test_bad_arguments_say_what_to_fix(tmp_path):

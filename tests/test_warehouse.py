@@ -274,3 +274,31 @@ def test_fast_path_worker_processes_and_cross_path_rerun(tmp_path):
     lines[lines.index(once[0])] = once[0].replace(b'"title": "T"', b'"title": "T v2"')
     path.write_bytes(b"\n".join(lines))
     assert fast_run("r3", workers=0) == (0, 1, stored - 1)
+
+
+def test_maintain_compacts_and_deletes_replaced_files_but_keeps_the_data(tmp_path):
+    from pathlib import Path
+
+    wh = Warehouse(tmp_path / "wh")
+    for i in range(3):  # three small appends, then a merge that rewrites one of their files
+        wh.append("products", products_table([_rows(3)[i]], run_id=f"r{i}", now=NOW))
+    wh.merge("products", products_table([_rows(3, title="Shirt v2")[1]], run_id="m", now=NOW))
+    before = wh.read("products").sort_by("product_id").to_pylist()
+    files = lambda: sorted(p.name for p in Path(wh.uri("products")).glob("*.parquet"))  # noqa: E731
+    assert len(files()) == 4 and len(wh.table("products").file_uris()) == 3
+
+    kept = wh.maintain(["products"])  # default retention (7 days): the replaced files are all younger, so kept
+    assert kept["products"] == {"files_compacted": 3, "files_written": 1, "files_deleted": 0}
+    assert len(wh.table("products").file_uris()) == 1 and len(files()) == 5
+
+    n_before = len(files())
+    done = wh.maintain(retention_hours=0)  # every table; the files no current version references go
+    assert files() == sorted(Path(u).name for u in wh.table("products").file_uris()) and len(files()) == 1
+    assert done["products"]["files_deleted"] == n_before - 1 == 4
+    assert wh.read("products").sort_by("product_id").to_pylist() == before
+    assert set(done) == {"products"}, "tables that do not exist are skipped"
+
+    with pytest.raises(ValueError, match=r"retention_hours must be >= 0 \(got -1\)"):
+        wh.maintain(retention_hours=-1)
+    with pytest.raises(ValueError, match=r"unknown tables \['product'\]"):
+        wh.maintain(["product"])
