@@ -348,14 +348,13 @@ def embed_products(
             old_ids, old_hashes = old.column("product_id").to_pylist(), old.column("content_hash").to_pylist()
             same = [hashes.get(pid) == h for pid, h in zip(old_ids, old_hashes, strict=True)]
             keep = np.flatnonzero(np.array(same, dtype=bool))
-            known_ids = old.column("product_id").take(pa.array(keep, pa.int64())).to_pylist()
+            known_ids = [old_ids[i] for i in keep.tolist()]
             if vectors:
                 matrix = _vector_matrix(old.column("vector"))
                 matrix = matrix if len(keep) == len(same) else matrix[keep]
     known = StoredVectors(known_ids, matrix) if vectors else None
     have = set(known_ids)
     todo = [i for i, pid in enumerate(hashes) if pid not in have]
-    del have
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0

@@ -132,8 +132,8 @@ def predict_batch(ref: ModelRef, batch: pa.Table) -> list[dict[str, Any]]:
 
 def prediction_tables(rows: list[dict], preds: list[dict], meta: dict[str, str], now: datetime) -> PredictionGroup:
     """One batch's predictions as Arrow (``review_queue``, ``attribute_predictions``, ``predicted_products``), built
-    as the batch arrives: a commit group holds compact columns, not a dict per value (a 4,096-product group of the
-    1M nightly held ~86k value dicts, ~90 MB; columns let a group hold 8x the products in less)."""
+    as the batch arrives: a commit group holds columns, not a dict per value (a scratch measurement with 21 values
+    per product, as in the 1M nightly: 8.7 KB a product as dicts, 4.5 KB as Arrow)."""
     hashes = {r["product_id"]: r["content_hash"] for r in rows}
     accepted, review = [], []
     counts: dict[str, list[int]] = {pid: [0, 0] for pid in hashes}
