@@ -16,6 +16,8 @@ Language Models").
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 import time
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -346,13 +349,36 @@ class PairFeatures:
         self.word_tfidf = self.char_tfidf = None
 
     def fit(self, rows: Iterable[Mapping]) -> PairFeatures:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
         texts = sorted({serialize(r) for r in rows})
-        self.word_tfidf = TfidfVectorizer(token_pattern=_WORD.pattern, sublinear_tf=True).fit(texts)
-        self.char_tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=1)
-        self.char_tfidf.fit(texts)
+        self.word_tfidf, self.char_tfidf = _tfidf("word").fit(texts), _tfidf("char").fit(texts)
         return self
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What ``PairFeatures.from_state`` needs, as JSON (tower config, vocabularies) and arrays (IDF weights)."""
+        if self.word_tfidf is None:
+            raise RuntimeError("PairFeatures is not fit; call .fit(rows) with the records first")
+        if self.supcon is not None:
+            raise ValueError("a SupCon feature function cannot be saved with PairFeatures; save without it")
+        tower = None if self.tower is None else dataclasses.asdict(self.tower.cfg)
+        meta = {"tower": tower, "batch_size": self.batch_size, "vocabulary": {}}
+        arrays = {}
+        for kind, vec in (("word", self.word_tfidf), ("char", self.char_tfidf)):
+            meta["vocabulary"][kind] = {term: int(i) for term, i in vec.vocabulary_.items()}
+            arrays[f"idf.{kind}"] = np.asarray(vec.idf_, np.float64)
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: Mapping, arrays: Mapping[str, np.ndarray]) -> PairFeatures:
+        """The features ``state`` described; the tower (if any) is built again from its config (frozen)."""
+        tower = None
+        if meta.get("tower") is not None:
+            tower = TextTower(TextTowerConfig(**(dict(meta["tower"]) | {"trainable": False}))).eval()
+        out = cls(tower, batch_size=int(meta.get("batch_size", 64)))
+        for kind in ("word", "char"):
+            vec = _tfidf(kind, vocabulary=meta["vocabulary"][kind])
+            vec.idf_ = np.asarray(arrays[f"idf.{kind}"], np.float64)
+            setattr(out, f"{kind}_tfidf", vec)
+        return out
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) frozen-tower embeddings, cached per text."""
@@ -417,6 +443,15 @@ class PairFeatures:
             la, lb = len(wa), len(wb)
             out[i, col["length_ratio"]] = min(la, lb) / max(la, lb, 1)
         return out
+
+
+def _tfidf(kind: str, vocabulary: Mapping[str, int] | None = None):
+    """The TF-IDF vectorizer of one text feature: ``word`` (``words`` tokens) or ``char`` (3-5-grams)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if kind == "word":
+        return TfidfVectorizer(token_pattern=_WORD.pattern, sublinear_tf=True, vocabulary=vocabulary)
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, vocabulary=vocabulary)
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -520,3 +555,112 @@ class HybridMatcher:
     def predict(self, pairs: Sequence[Pair], cross: np.ndarray | None = None) -> np.ndarray:
         """Match decisions (P,) bool at the threshold chosen on validation."""
         return self.predict_proba(pairs, cross) >= self.threshold
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the fitted matcher to ``folder``: ``matcher.json`` (config, features kept, threshold, TF-IDF
+        vocabularies, the tower's config) and ``matcher.safetensors`` (the trees as arrays, IDF weights, and the
+        tower's weights only when it is the random ``tiny`` one: a pretrained tower is referenced by name). Nothing
+        is pickled; ``HybridMatcher.load`` reads it back. A matcher blended with a cross-encoder cannot be saved
+        alone (its scores need the cross-encoder's)."""
+        from safetensors.numpy import save_file
+
+        if self.model is None:
+            raise RuntimeError("HybridMatcher is not fit; call .fit(train, valid) first")
+        if self.weight != 0.0:
+            raise ValueError(f"this matcher blends a cross-encoder (weight {self.weight}); save one fit without it")
+        trees = self.model if isinstance(self.model, TreeEnsemble) else TreeEnsemble.from_sklearn(self.model)
+        meta, arrays = self.features.state()
+        arrays |= {f"trees.{k}": v for k, v in trees.arrays.items()}
+        if self.features.tower is not None and self.features.tower.cfg.tiny:
+            arrays |= {f"tower.{k}": v.detach().cpu().numpy() for k, v in self.features.tower.state_dict().items()}
+        meta |= {
+            "format": 1, "config": dataclasses.asdict(self.cfg), "columns": [FEATURES[c] for c in self.columns],
+            "threshold": float(self.threshold), "valid_f1": float(self.valid_f1), "baseline": trees.baseline,
+        }  # fmt: skip
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "matcher.json").write_text(json.dumps(meta))
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / "matcher.safetensors"))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> HybridMatcher:
+        """A matcher ``save`` wrote; it scores pairs exactly as the saved one did (same features, trees, cut)."""
+        from safetensors.numpy import load_file
+
+        folder = Path(folder)
+        if not (folder / "matcher.json").exists():
+            raise FileNotFoundError(f"{folder} holds no matcher.json; point at a folder HybridMatcher.save wrote")
+        meta = json.loads((folder / "matcher.json").read_text())
+        if meta.get("format") != 1:
+            raise ValueError(f"{folder}: unknown matcher format {meta.get('format')!r}; this code reads format 1")
+        arrays = load_file(str(folder / "matcher.safetensors"))
+        features = PairFeatures.from_state(meta, arrays)
+        tower_state = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("tower.")}
+        if tower_state:
+            features.tower.load_state_dict(tower_state)
+        cfg = dict(meta["config"])
+        cfg |= {"features": tuple(cfg["features"]), "blend_grid": tuple(cfg["blend_grid"])}
+        out = cls(HybridConfig(**cfg), features=features)
+        out.columns = [FEATURES.index(f) for f in meta["columns"]]
+        out.model = TreeEnsemble({k.removeprefix("trees."): v for k, v in arrays.items() if k.startswith("trees.")},
+                                 meta["baseline"])  # fmt: skip
+        out.threshold, out.valid_f1 = float(meta["threshold"]), float(meta["valid_f1"])
+        return out
+
+
+class TreeEnsemble:
+    """A fitted binary ``HistGradientBoostingClassifier`` on numerical features as plain arrays: the same
+    probabilities, without sklearn's pickled estimator, so a saved matcher loads from safetensors.
+
+    Every tree's nodes are concatenated (child indices made global); a row starts at each tree's root and moves
+    left when its feature is ``<=`` the node's threshold, or is missing and the node sends missing values left, as
+    sklearn's predictor does. The raw score is the baseline plus each tree's leaf value; the probability its
+    sigmoid.
+    """
+
+    FIELDS = ("feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], baseline: float) -> None:
+        missing = {*self.FIELDS, "roots"} - set(arrays)
+        if missing:
+            raise ValueError(f"tree arrays are missing {sorted(missing)}")
+        self.arrays = {k: np.asarray(arrays[k]) for k in (*self.FIELDS, "roots")}
+        self.baseline = float(baseline)
+
+    @classmethod
+    def from_sklearn(cls, model) -> TreeEnsemble:
+        trees = [p[0] for p in model._predictors]  # binary: one tree per boosting iteration
+        if not trees or len(model.classes_) != 2 or any(t.nodes["is_categorical"].any() for t in trees):
+            raise ValueError("TreeEnsemble takes binary classifiers on numerical features only")
+        sizes = np.array([len(t.nodes) for t in trees], np.int64)
+        roots = np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64)
+        nodes = np.concatenate([t.nodes for t in trees])
+        shift = np.repeat(roots, sizes)
+        arrays = {
+            "feature_idx": nodes["feature_idx"].astype(np.int64), "num_threshold": nodes["num_threshold"],
+            "missing_go_to_left": nodes["missing_go_to_left"].astype(np.uint8),
+            "left": nodes["left"].astype(np.int64) + shift, "right": nodes["right"].astype(np.int64) + shift,
+            "is_leaf": nodes["is_leaf"].astype(np.uint8), "value": nodes["value"], "roots": roots,
+        }  # fmt: skip
+        return cls(arrays, float(np.ravel(model._baseline_prediction)[0]))
+
+    def decision_function(self, x: np.ndarray) -> np.ndarray:
+        """Raw scores (N,) float64 for features (N, F)."""
+        a = self.arrays
+        x = np.asarray(x, np.float64)
+        node = np.broadcast_to(a["roots"], (len(x), len(a["roots"]))).copy()  # (N, trees)
+        rows = np.arange(len(x))[:, None]
+        live = ~a["is_leaf"][node].astype(bool)
+        while live.any():
+            at = node[live]
+            value = x[np.broadcast_to(rows, node.shape)[live], a["feature_idx"][at]]
+            left = np.where(np.isnan(value), a["missing_go_to_left"][at].astype(bool), value <= a["num_threshold"][at])
+            node[live] = np.where(left, a["left"][at], a["right"][at])
+            live = ~a["is_leaf"][node].astype(bool)
+        return self.baseline + a["value"][node].sum(1)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(N, 2) class probabilities, as sklearn's ``predict_proba``."""
+        p = 1.0 / (1.0 + np.exp(-self.decision_function(x)))
+        return np.stack([1.0 - p, p], 1)

@@ -143,6 +143,9 @@ def import_(
     split: Annotated[str | None, typer.Option(help="Only this split (train / valid / test ...).")] = None,
     warehouse: WarehouseOpt = None,
     media: Annotated[bool, typer.Option(help="Also fetch and decode the dataset's images.")] = False,
+    benchmark: Annotated[
+        str | None, typer.Option(help="ditto: only this benchmark (Abt-Buy, wdc/computers, ...).")
+    ] = None,
 ) -> None:
     """Import a public dataset (canonical rows with labels; Ditto also its labelled pairs)."""
     _env_defaults()
@@ -152,7 +155,7 @@ def import_(
     get_importer(dataset)  # fail fast on a bad name, before Prefect starts
 
     with _progress(f"import {dataset}"):
-        summary = import_dataset(dataset, path, split=split, warehouse_root=warehouse, media=media)
+        summary = import_dataset(dataset, path, split=split, warehouse_root=warehouse, media=media, benchmark=benchmark)
     print_summary(summary)
     if "import_stats" in summary:
         console.print_json(data=summary["import_stats"])
@@ -344,6 +347,36 @@ def train_encoder_cmd(
     _ddp_end()
 
 
+@train_app.command("matcher")
+@_friendly
+def train_matcher_cmd(
+    source: Annotated[
+        str | None, typer.Option(help="Only pairs between products of this source (default all).")
+    ] = None,
+    tower: Annotated[
+        str, typer.Option(help="pretrained (frozen MiniLM cosine features) | none (no tower: faster) | tiny (tests)")
+    ] = "pretrained",
+    benchmark: Annotated[str | None, typer.Option(help="Only this benchmark's pairs (e.g. ditto/Abt-Buy).")] = None,
+    train_split: Annotated[str, typer.Option(help="Pairs to fit on: this split, or every split named so*.")] = "train",
+    valid_split: Annotated[str, typer.Option(help="Pairs the threshold is chosen on (and @champion).")] = "valid",
+    test_split: Annotated[str, typer.Option(help="Pairs scored once and logged; they decide nothing.")] = "test",
+    max_iter: Annotated[int, typer.Option(min=1, help="Boosting iterations.")] = 300,
+    learning_rate: float = 0.05,
+    seed: int = 0,
+    register: bool = True,
+    warehouse: WarehouseOpt = None,
+) -> None:
+    """Pair matcher (trees on pair features) on the warehouse's labelled train pairs, threshold on the valid ones;
+    registered as `pair-matcher` (`enrich dedupe --matcher champion` uses it)."""
+    _env_defaults()
+    from flows.train_matcher import train_matcher
+
+    s = train_matcher(source=source, benchmark=benchmark, train_split=train_split, valid_split=valid_split,
+                      test_split=test_split, tower=tower, max_iter=max_iter, learning_rate=learning_rate, seed=seed,
+                      register_model=register, warehouse_root=warehouse)  # fmt: skip
+    console.print_json(data=s, default=str)
+
+
 @app.command()
 @_friendly
 def compare(
@@ -442,14 +475,21 @@ def dedupe_cmd(
     refit: Annotated[
         bool, typer.Option("--refit", help="chars: fit the IDF again on today's catalog (re-embeds everything).")
     ] = False,
+    matcher: Annotated[
+        str | None,
+        typer.Option(
+            help="Score the top-k candidates with pair-matcher@champion ('champion') or a version number "
+            "(`enrich train matcher`) instead of the cosine threshold."
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
-    """Embed products, find duplicate pairs (faiss top-k + threshold) and cluster them."""
+    """Embed products, find duplicate pairs (faiss top-k + threshold or pair matcher) and cluster them."""
     _env_defaults()
     from flows.dedupe import dedupe
 
     summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
                      max_cluster_size=max_cluster_size, full=full, precision=precision, exact_max=exact_max,
-                     target_recall=target_recall, refit=refit)  # fmt: skip
+                     target_recall=target_recall, refit=refit, matcher=matcher)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -542,6 +582,13 @@ def nightly(
     precision: PrecisionOpt = "auto",
     backend: BackendOpt = "auto",
     embed_precision: EmbedPrecisionOpt = "fp32",
+    dedupe_matcher: Annotated[
+        str | None,
+        typer.Option(
+            help="Decide the top-k candidates with pair-matcher@champion ('champion') or a "
+            "version (`enrich train matcher`); default: the cosine threshold."
+        ),  # fmt: skip
+    ] = None,
     runner: RunnerOpt = "default",
     dask_address: DaskOpt = None,
     dask_workers: Annotated[int, typer.Option(min=1)] = 2,
@@ -557,7 +604,7 @@ def nightly(
     params = dict(catalog=catalog, source=source, mapping=_mapping(mapping), media=media, warehouse_root=warehouse,
                   dedupe_method=dedupe_method, k=k, threshold=threshold, batch_size=batch_size,
                   commit_rows=commit_rows, train_if_missing=train_if_missing, device=device, precision=precision,
-                  backend=backend, embed_precision=embed_precision, runner=runner,
+                  backend=backend, embed_precision=embed_precision, dedupe_matcher=dedupe_matcher, runner=runner,
                   dask_address=dask_address, dask_workers=dask_workers, lock=lock, wait_s=wait_s)  # fmt: skip
     try:
         summary = nightly_flow(**params, resume=resume)

@@ -458,9 +458,13 @@ def find_duplicates(
     max_cluster_size: int = 50,
     full: bool = False,
     spare: int | None = None,
+    matcher: tuple[Any, str] | None = None,
 ) -> dict[str, Any]:
     """The top-k graph (updated incrementally when one of this model version exists), then pairs over the threshold
-    -> ``duplicates`` and guarded connected components -> ``clusters``.
+    -> ``duplicates`` and guarded connected components -> ``clusters``. With ``matcher`` (a fitted
+    ``HybridMatcher`` and its label, e.g. ``pair-matcher/3``) every top-k pair is a candidate, scored by the
+    matcher and kept at or above its threshold (``_matcher_scores``: only pairs touching a changed product are
+    scored again).
 
     Lists are stored ``k + spare`` deep (spare: k // 2, at least 2) and served ``k`` deep, so a product whose
     neighbours change or leave keeps its exact top-k without being searched again (``update_graph``)."""
@@ -520,18 +524,24 @@ def find_duplicates(
     if graph is None:
         vectors = known.stack(ids.tolist())
         graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
-    thr, thr_how = (threshold, "given")
-    if source is not None or wh.exists("pairs"):
-        thr, thr_how = _threshold(wh, source, graph.ids, vectors, threshold)  # vectors in the graph's order
+    gids = graph.ids
     ia, ib, score = graph.top(k).pair_positions()  # the spare entries beyond k only serve later updates
+    version, method, scored = ref.label, "cosine", {}
+    if matcher is not None:
+        model, label = matcher
+        score, scored = _matcher_scores(wh, model, label, products, gids, ia, ib, hashes)
+        thr, thr_how = float(model.threshold), f"{label}'s, chosen on its labelled validation pairs"
+        version, method = f"{ref.label}+{label}", "matcher"
+    else:
+        thr, thr_how = (threshold, "given")
+        if source is not None or wh.exists("pairs"):
+            thr, thr_how = _threshold(wh, source, gids, vectors, threshold)  # vectors in the graph's order
     keep = score >= thr
     ia, ib, score = ia[keep], ib[keep], score[keep]
-    version = ref.label
-    gids = graph.ids
     id_arr = pa.array(gids.tolist(), pa.string())  # ids go to Arrow by ``take`` (no Python string per graph entry)
     n_pairs = len(ia)
     dup = pa.table({"a": id_arr.take(pa.array(ia)), "b": id_arr.take(pa.array(ib)), "score": score,
-                    "method": pa.repeat("cosine", n_pairs), "threshold": np.full(n_pairs, thr, np.float32),
+                    "method": pa.repeat(method, n_pairs), "threshold": np.full(n_pairs, thr, np.float32),
                     "model_version": pa.repeat(version, n_pairs), "run_id": pa.repeat(run_id, n_pairs),
                     "detected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", "UTC")), n_pairs)})  # fmt: skip
     cl = cluster(ia, ib, len(gids), scores=score, max_cluster_size=max_cluster_size)
@@ -561,8 +571,49 @@ def find_duplicates(
         "duplicate_pairs": int(n_pairs), "clusters": dist["clusters"],
         "non_singleton_clusters": dist["clusters"] - dist["singletons"], "largest_cluster": dist["max"],
         "cluster_sizes": dist["histogram"], "ann_recall_at_k": ann["recall"], "ann_nprobe": ann["nprobe"],
-        "model": version, "run_id": run_id,
+        "model": version, "run_id": run_id, **scored,
     }  # fmt: skip
+
+
+def _matcher_scores(
+    wh: Warehouse,
+    matcher,
+    label: str,
+    products: pa.Table,
+    gids: np.ndarray,
+    ia: np.ndarray,
+    ib: np.ndarray,
+    hashes: Mapping[str, str],
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The matcher's probabilities for the candidate pairs ``(gids[ia], gids[ib])``, and how many were scored.
+
+    A pair whose two products have the content hashes they had when the same matcher version scored it is read
+    back from ``pair_scores``; only the others (pairs touching a new or changed product, or new to the top-k lists)
+    are scored. ``pair_scores`` is then replaced by this run's candidates, so it holds exactly the current ones."""
+    import pyarrow.compute as pc
+
+    a, b = gids[ia], gids[ib]
+    ha = np.array([hashes[x] for x in a.tolist()], dtype=object)
+    hb = np.array([hashes[x] for x in b.tolist()], dtype=object)
+    score = np.full(len(a), np.nan, np.float32)
+    if wh.exists("pair_scores"):
+        old = wh.sql("SELECT a, b, a_hash, b_hash, score FROM pair_scores WHERE matcher_version = '"
+                     + label.replace("'", "''") + "'")  # fmt: skip
+        cached = dict(zip(zip(*(old.column(c).to_pylist() for c in ("a", "b", "a_hash", "b_hash")), strict=True),
+                          old.column("score").to_numpy(), strict=True))  # fmt: skip
+        for i, key in enumerate(zip(a.tolist(), b.tolist(), ha.tolist(), hb.tolist(), strict=True)):
+            score[i] = cached.get(key, np.nan)
+    todo = np.flatnonzero(np.isnan(score))
+    if len(todo):
+        need = pa.array(sorted({*a[todo].tolist(), *b[todo].tolist()}), pa.string())
+        rows = {r["product_id"]: r for r in products.filter(pc.is_in(products["product_id"], need)).to_pylist()}
+        score[todo] = matcher.predict_proba([(rows[a[i]], rows[b[i]]) for i in todo.tolist()])
+    now = pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC"))
+    wh.overwrite("pair_scores", pa.table({"a": a.tolist(), "b": b.tolist(), "a_hash": ha.tolist(),
+                                          "b_hash": hb.tolist(), "score": score,
+                                          "matcher_version": pa.repeat(label, len(a)),
+                                          "scored_at": pa.repeat(now, len(a))}))  # fmt: skip
+    return score, {"pairs_scored": int(len(todo)), "pairs_reused": int(len(a) - len(todo))}
 
 
 def dedupe_summary_markdown(summary: dict[str, Any]) -> str:
@@ -587,10 +638,13 @@ def dedupe(
     precision: str = "fp32",
     target_recall: float = 0.99,
     refit: bool = False,
+    matcher: str | None = None,
 ) -> dict[str, Any]:
     """Find duplicate products and cluster them; incremental unless ``full``. ``precision``: ``fp32`` | ``int8``
     (the embedder's text tower int8 under ONNX Runtime: ~2x faster on CPU, vectors within ~0.01 cosine).
-    ``method``: ``encoder`` | ``text`` | ``chars`` (module docstring); ``refit``: ``chars`` fits its IDF again."""
+    ``method``: ``encoder`` | ``text`` | ``chars`` (module docstring); ``refit``: ``chars`` fits its IDF again.
+    ``matcher``: ``champion`` or a version of the registered ``pair-matcher`` (``enrich train matcher``) to score
+    the top-k candidate pairs with instead of the cosine threshold."""
     logger = get_run_logger()
     started = time.perf_counter()
     wh = Warehouse(warehouse_root)
@@ -598,13 +652,19 @@ def dedupe(
 
     with nightly_lock(wh):  # one writer per warehouse: a nightly run, or this
         ref = resolve_embedder(method, model_version, precision, wh=wh, source=source, refit=refit)
+        pair_matcher = None
+        if matcher is not None:
+            from flows.train_matcher import MODEL_NAME, load_matcher
+
+            model, matcher_version, _ = load_matcher(matcher)
+            pair_matcher = (model, f"{MODEL_NAME}/{matcher_version}")
         products = _products(wh, source)
         if products.num_rows < 2:
             raise LookupError(f"need at least 2 products to dedupe (found {products.num_rows}); ingest a catalog first")
         known, embedded = embed_products(wh, ref, products, full=full)
         summary = find_duplicates(wh, ref, products, known, source=source, k=k, threshold=threshold,
                                   exact_max=exact_max, target_recall=target_recall, max_cluster_size=max_cluster_size,
-                                  full=full)  # fmt: skip
+                                  full=full, matcher=pair_matcher)  # fmt: skip
     summary = {"embedded": embedded, **summary, "seconds": round(time.perf_counter() - started, 2)}
     logger.info("dedupe: %s", summary)
     create_markdown_artifact(key="dedupe-summary", markdown=dedupe_summary_markdown(summary),

@@ -220,12 +220,19 @@ def import_dataset(
     warehouse_root: str | None = None,
     batch_size: int = 5_000,
     media: bool = False,
+    benchmark: str | None = None,
 ) -> dict[str, Any]:
-    """Import a public dataset (``enrich import DATASET PATH``): canonical rows with labels, and Ditto's pairs."""
+    """Import a public dataset (``enrich import DATASET PATH``): canonical rows with labels, and Ditto's pairs.
+    ``benchmark`` (Ditto only, e.g. ``Abt-Buy``): just that benchmark's records and pairs."""
     from warehouse.importers import get_importer
 
     wh = Warehouse(warehouse_root)
     importer = get_importer(dataset)
+    only = {}
+    if benchmark is not None:
+        if getattr(importer, "iter_pairs", None) is None:
+            raise ValueError(f"--benchmark picks one of Ditto's benchmarks; {dataset!r} has none (drop --benchmark)")
+        only = {"benchmark": benchmark}
     stats_holder: dict[str, Any] = {}
 
     def batches() -> Iterator[list[Record]]:
@@ -234,7 +241,7 @@ def import_dataset(
         stats = ImportStats()
         stats_holder["stats"] = stats
         batch: list[Record] = []
-        for i, row in enumerate(importer.iter_rows(path, split=split, stats=stats), start=1):
+        for i, row in enumerate(importer.iter_rows(path, split=split, stats=stats, **only), start=1):
             batch.append(Record(f"row:{i}", row))
             if len(batch) >= batch_size:
                 yield batch
@@ -256,7 +263,7 @@ def import_dataset(
 
         from warehouse import schema
 
-        pairs = pa.Table.from_pylist(list(importer.iter_pairs(path, split=split)), schema=schema.PAIRS)
+        pairs = pa.Table.from_pylist(list(importer.iter_pairs(path, split=split, **only)), schema=schema.PAIRS)
         wh.merge("pairs", pairs, update_when="t.label != s.label OR t.left_id != s.left_id OR t.right_id != s.right_id")
         summary["pairs"] = pairs.num_rows
     if "stats" in stats_holder:

@@ -53,7 +53,7 @@ WRITES = {
     "featurize": ("visual_features",),
     "predict": ("attribute_predictions", "review_queue", "predicted_products"),
     "embed": ("embeddings",),
-    "dedupe": ("knn_graph", "duplicates", "clusters"),
+    "dedupe": ("knn_graph", "duplicates", "clusters", "pair_scores"),
 }
 
 
@@ -335,6 +335,7 @@ def nightly(
     precision: str = "auto",
     backend: str = "auto",
     embed_precision: str = "fp32",
+    dedupe_matcher: str | None = None,
     runner: str = "default",
     dask_address: str | None = None,
     dask_workers: int = 2,
@@ -355,6 +356,8 @@ def nightly(
         device, precision, backend: where JAVE runs (``cpu`` | ``cuda`` | ``auto``), how (``fp32`` | ``bf16`` |
             ``int8`` | ``auto``) and on what (``torch`` | ``onnx`` | ``auto``: ONNX Runtime for the towers on CPU).
         embed_precision: the dedupe embedder's ``fp32`` | ``int8`` (see `flows.dedupe.resolve_embedder`).
+        dedupe_matcher: ``champion`` or a version of the registered ``pair-matcher`` to decide the top-k candidate
+            pairs with (``enrich train matcher``); None keeps the cosine threshold.
         batch_size: rows per model batch; ``commit_rows``: about how many products each Delta commit of predictions
             and embeddings holds (also committed every 30 s; a stopped run redoes at most one group). A commit that
             replaces rows rewrites its table, ~12 s for ``review_queue`` at 1M products, so a 1% rerun at 1M is one
@@ -371,7 +374,7 @@ def nightly(
     params = {"catalog": catalog, "source": source, "dedupe_method": dedupe_method, "k": k, "threshold": threshold,
               "batch_size": batch_size, "commit_rows": commit_rows, "device": device, "precision": precision,
               "backend": backend, "embed_precision": embed_precision, "runner": runner,
-              "dask_workers": dask_workers, "media": media}  # fmt: skip
+              "dask_workers": dask_workers, "media": media, "dedupe_matcher": dedupe_matcher}  # fmt: skip
     with nightly_lock(wh, lock, wait_s) as held:
         logger.info("nightly lock: %s", held)
         tracking.setup(EXPERIMENT)
@@ -388,6 +391,12 @@ def nightly(
         jave_ref = dataclasses.replace(
             jave_ref, device=device, precision=precision, backend=backend, visual_cache_root=wh.root
         )
+        matcher = None
+        if dedupe_matcher is not None:  # loaded before any stage runs: a missing matcher fails fast
+            from flows.train_matcher import MODEL_NAME, load_matcher
+
+            model, matcher_version, _ = load_matcher(dedupe_matcher)
+            matcher = (model, f"{MODEL_NAME}/{matcher_version}")
         last_ok, unfinished = last_runs(wh)
         if unfinished is not None and resume:
             rec = unfinished
@@ -398,6 +407,8 @@ def nightly(
                             watermark_from=last_ok.watermark_to if last_ok else None)  # fmt: skip
         rec.flow_run_id = _flow_run_id()
         rec.models = {"jave": jave_ref.version, emb_ref.name: emb_ref.version}
+        if matcher is not None:
+            rec.models["pair-matcher"] = matcher[1].rsplit("/", 1)[1]
         with contextlib.ExitStack() as stack:
             mlrun = stack.enter_context(
                 mlflow.start_run(run_id=rec.mlflow_run_id)
@@ -413,7 +424,7 @@ def nightly(
             try:
                 _run_stages(wh, rec, catalog=catalog, fmt=fmt, mapping=mapping, media=media, source=source,
                             jave_ref=jave_ref, emb_ref=emb_ref, k=k, threshold=threshold, batch_size=batch_size,
-                            commit_rows=commit_rows, last_ok=last_ok,
+                            commit_rows=commit_rows, last_ok=last_ok, matcher=matcher,
                             task_runner=_dask_runner(runner, dask_address, dask_workers, stack),
                             workers=dask_workers)  # fmt: skip
             except BaseException as e:
@@ -430,7 +441,7 @@ def nightly(
 
 
 def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, source, jave_ref, emb_ref, k,
-                threshold, batch_size, commit_rows, last_ok, task_runner, workers) -> None:  # fmt: skip
+                threshold, batch_size, commit_rows, last_ok, task_runner, workers, matcher=None) -> None:  # fmt: skip
     from flows.dedupe import _products, embed_products, find_duplicates
 
     logger = get_run_logger()
@@ -486,7 +497,7 @@ def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, 
         if products.num_rows < 2:
             return {"skipped": "fewer than 2 products"}
         known, _ = embed_products(wh, emb_ref, products)  # all stored by the embed stage: a read
-        s = find_duplicates(wh, emb_ref, products, known, k=k, threshold=threshold)
+        s = find_duplicates(wh, emb_ref, products, known, k=k, threshold=threshold, matcher=matcher)
         return {k2: v for k2, v in s.items() if k2 != "run_id"}
 
     stage("dedupe", dedupe)

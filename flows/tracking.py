@@ -132,13 +132,36 @@ def promote_if_better(
     )
 
 
-def champion(model_name: str, client: MlflowClient | None = None):
-    """The ``@champion`` model version, or a clear error naming what to run."""
+def champion(model_name: str, client: MlflowClient | None = None, train_cmd: str | None = None):
+    """The ``@champion`` model version, or a clear error naming what to run (``train_cmd``, e.g. `enrich train
+    matcher`; by default the jave / encoder one)."""
     client = client or MlflowClient()
     try:
         return client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:
+        train_cmd = train_cmd or f"enrich train {'jave' if model_name == 'jave' else 'encoder'} ..."
         raise LookupError(
             f"registered model {model_name!r} has no @{CHAMPION} version in {mlflow.get_tracking_uri()}; "
-            f"train one first (e.g. `enrich train {'jave' if model_name == 'jave' else 'encoder'} ...`)"
+            f"train one first (e.g. `{train_cmd}`)"
         ) from None
+
+
+def load_registered(model_name: str, version: str | None, train_cmd: str) -> tuple[Any, str, str]:
+    """(the pyfunc's Python model, model version, MLflow run id) of ``model_name@champion`` (``version`` None or
+    ``"champion"``) or of a given version; a clear error naming ``train_cmd`` when there is none."""
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    if version is None or str(version) == CHAMPION:
+        mv = champion(model_name, client, train_cmd)
+    else:
+        try:
+            mv = client.get_model_version(model_name, str(version))
+        except MlflowException:
+            raise LookupError(
+                f"registered model {model_name!r} has no version {version!r} in {mlflow.get_tracking_uri()}; "
+                f"pick one from the registry or train one with `{train_cmd}`"
+            ) from None
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_name}/{mv.version}")
+    return pyfunc.unwrap_python_model(), str(mv.version), str(mv.run_id)

@@ -38,7 +38,6 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -130,16 +129,27 @@ def load_train_pairs(wh: Warehouse, data: CatalogSplit) -> list[tuple[dict[str, 
     return pairs
 
 
-@task(cache_policy=NO_CACHE)
-def load_valid_pairs(wh: Warehouse, source: str | None) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
-    """The warehouse's labelled ``valid*`` pairs between products of ``source`` (all when None), as (row, row,
-    label): the yardstick ``@champion`` is chosen on when a catalog has them. Empty when there are none."""
+def labelled_pairs(
+    wh: Warehouse, source: str | None, split: str, benchmark: str | None = None
+) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """The warehouse's labelled pairs of split ``split`` (exactly that name when there is one, else every split
+    named ``split*``: ``valid`` covers WDC's ``valid_small`` and ``valid_medium``), of ``benchmark`` (e.g.
+    ``ditto/Abt-Buy``; all when None), between products of ``source`` (all when None), as (row, row, label) in
+    file order. Empty when there are none."""
     if not wh.exists("pairs"):
         return []
     import pyarrow.compute as pc
 
-    found = wh.sql("SELECT left_id, right_id, label FROM pairs WHERE split LIKE 'valid%' "
-                   "ORDER BY benchmark, split, line").to_pylist()  # fmt: skip
+    def quoted(x: str) -> str:
+        return "'" + x.replace("'", "''") + "'"
+
+    where = f" WHERE benchmark = {quoted(benchmark)}" if benchmark else ""
+    names = wh.sql(f"SELECT DISTINCT split FROM pairs{where}").column("split").to_pylist()
+    names = [x for x in names if x == split] or [x for x in names if x.startswith(split)]
+    if not names:
+        return []
+    where += (" AND" if where else " WHERE") + f" split IN ({', '.join(quoted(x) for x in sorted(names))})"
+    found = wh.sql(f"SELECT left_id, right_id, label FROM pairs{where} ORDER BY benchmark, split, line").to_pylist()
     ids = sorted({p[side] for p in found for side in ("left_id", "right_id")})
     if not ids:
         return []
@@ -150,6 +160,12 @@ def load_valid_pairs(wh: Warehouse, source: str | None) -> list[tuple[dict[str, 
     rows = {r["product_id"]: r for r in table.filter(keep).select(COLUMNS).to_pylist()}
     return [(rows[p["left_id"]], rows[p["right_id"]], int(p["label"])) for p in found
             if p["left_id"] in rows and p["right_id"] in rows]  # fmt: skip
+
+
+@task(cache_policy=NO_CACHE)
+def load_valid_pairs(wh: Warehouse, source: str | None) -> list[tuple[dict[str, Any], dict[str, Any], int]]:
+    """The labelled ``valid*`` pairs of ``source``: the yardstick ``@champion`` is chosen on when a catalog has them."""
+    return labelled_pairs(wh, source, "valid")
 
 
 def match_quality(model, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> tuple[float, float] | None:
@@ -171,7 +187,7 @@ def match_quality(model, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]
     return f1, threshold
 
 
-def _pairs_set_id(source: str | None, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> str:
+def pairs_set_id(source: str | None, pairs: list[tuple[dict[str, Any], dict[str, Any], int]]) -> str:
     blob = "\n".join(sorted(f"{a['product_id']}|{b['product_id']}|{y}" for a, b, y in pairs))
     return f"{source or 'all'}/pairs-valid#{hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()}"
 
@@ -341,7 +357,7 @@ def train_one(
         if quality is not None:
             mlflow.log_metrics({MATCH_METRIC: quality[0], "val_pair_threshold": quality[1]})
             best = {**best, MATCH_METRIC: quality[0]}
-            selection = (MATCH_METRIC, quality[0], _pairs_set_id(run.source, valid_pairs))
+            selection = (MATCH_METRIC, quality[0], pairs_set_id(run.source, valid_pairs))
         metric, value, _ = selection
         version, promotion = _log_model(ckpt, model, data, selection, register)
         summary = {
@@ -396,18 +412,5 @@ def load_encoder(version: str | None = None) -> tuple[ProductEncoder, str, str]:
     Raises:
         LookupError: no @champion yet, or no such version (train one with `enrich train encoder`).
     """
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    client = mlflow.MlflowClient()
-    if version is None:
-        mv = tracking.champion(MODEL_NAME, client)
-    else:
-        try:
-            mv = client.get_model_version(MODEL_NAME, str(version))
-        except MlflowException:
-            raise LookupError(
-                f"registered model {MODEL_NAME!r} has no version {version!r} in {mlflow.get_tracking_uri()}; "
-                f"pick one from the registry or train one with `enrich train encoder`"
-            ) from None
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{mv.version}")
-    model = pyfunc.unwrap_python_model().model
-    return model.eval(), str(mv.version), str(mv.run_id)
+    pyfunc, version, run_id = tracking.load_registered(MODEL_NAME, version, "enrich train encoder")
+    return pyfunc.model.eval(), version, run_id

@@ -264,3 +264,18 @@ def test_ditto_pairs():
     counts = Counter((p["benchmark"], p["split"]) for p in imp.iter_pairs(root))
     assert counts[("ditto/wdc/computers", "train_small")] == 2231
     assert all(1000 <= counts[(f"ditto/wdc/{b}", "test")] <= 1100 for b in ("computers", "cameras", "shoes", "watches"))
+
+
+def test_import_one_ditto_benchmark_into_the_warehouse(tmp_path, prefect_harness):
+    from flows.ingest import import_dataset
+    from warehouse.tables import Warehouse
+
+    root = shared_path("ditto")
+    wh_root = str(tmp_path / "wh")
+    s = import_dataset("ditto", str(root), warehouse_root=wh_root, benchmark="Abt-Buy")
+    wh = Warehouse(wh_root)
+    assert s["pairs"] == wh.read("pairs").num_rows == 1916 * 2 + 5743 + 1232  # test, valid, train, train_balance
+    assert wh.sql("SELECT DISTINCT benchmark FROM pairs").column("benchmark").to_pylist() == ["ditto/Abt-Buy"]
+    assert wh.sql("SELECT count(*) AS n FROM products WHERE product_id NOT LIKE 'ditto:Abt-Buy:%'")["n"][0].as_py() == 0
+    with pytest.raises(ValueError, match="benchmark"):
+        import_dataset("myntra", str(tmp_path), warehouse_root=wh_root, benchmark="Abt-Buy")

@@ -13,6 +13,7 @@ from features.matcher import (
     PairFeatures,
     PairMatcher,
     Summarizer,
+    TreeEnsemble,
     code_tokens,
     serialize,
 )
@@ -95,6 +96,46 @@ def test_hybrid_learns_a_separable_toy_set_and_blends_a_cross_score():
     assert blended.weight > 0 and blended.valid_f1 == 1.0
     with pytest.raises(ValueError, match="cross="):
         blended.predict_proba([(a, b) for a, b, _ in test])
+
+
+def test_tree_ensemble_predicts_exactly_as_sklearn_with_missing_values():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5))
+    x[rng.random(x.shape) < 0.15] = np.nan  # the pair features have NaNs (no codes, no price)
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1], nan=1.0) > 0.3).astype(int)
+    model = HistGradientBoostingClassifier(max_iter=40, max_leaf_nodes=15, random_state=0).fit(x, y)
+    trees = TreeEnsemble.from_sklearn(model)
+    xt = rng.normal(size=(300, 5))
+    xt[rng.random(xt.shape) < 0.2] = np.nan
+    np.testing.assert_allclose(trees.predict_proba(xt), model.predict_proba(xt), rtol=0, atol=1e-12)
+    assert len(trees.arrays["roots"]) == 40
+    three = HistGradientBoostingClassifier(max_iter=5).fit(x[:, :2], np.arange(600) % 3)
+    with pytest.raises(ValueError, match="binary"):
+        TreeEnsemble.from_sklearn(three)
+
+
+def test_hybrid_matcher_saves_without_pickle_and_loads_to_the_same_scores(tmp_path):
+    train, valid, test = toy_pairs(120, 0), toy_pairs(60, 1), toy_pairs(60, 2)
+    feats = PairFeatures().fit(r for a, b, _ in (*train, *valid) for r in (a, b))
+    m = HybridMatcher(HybridConfig(max_iter=50, features=FEATURES[2:]), features=feats).fit(train, valid)
+    folder = m.save(tmp_path / "m")
+    assert sorted(p.name for p in folder.iterdir()) == ["matcher.json", "matcher.safetensors"]
+    back = HybridMatcher.load(folder)
+    pairs = [(a, b) for a, b, _ in test]
+    np.testing.assert_allclose(back.predict_proba(pairs), m.predict_proba(pairs), atol=1e-6)
+    assert back.threshold == m.threshold and back.columns == m.columns and back.valid_f1 == m.valid_f1
+    assert back.features.tower is None and (back.predict(pairs) == m.predict(pairs)).all()
+    # test records were not in the TF-IDF fit: the loaded vocabulary is the saved one, not refit
+    assert back.features.char_tfidf.vocabulary_ == feats.char_tfidf.vocabulary_
+    blended = HybridMatcher(HybridConfig(max_iter=20, features=("jaccard", "length_ratio")), features=feats)
+    blended.fit(train, valid, cross_valid=np.array([y for *_, y in valid], np.float32))
+    assert blended.weight > 0
+    with pytest.raises(ValueError, match="cross-encoder"):
+        blended.save(tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="matcher.json"):
+        HybridMatcher.load(tmp_path)
 
 
 def test_tiny_cross_encoder_fits_with_summaries_and_length_batches():

@@ -191,6 +191,19 @@ DUPLICATES = pa.schema(
         pa.field("detected_at", TS, nullable=False),
     ]
 )
+# The pair matcher's scores of the current top-k candidate pairs, with the content hashes they were scored on: an
+# incremental dedupe scores again only the pairs whose products changed (or that are new candidates).
+PAIR_SCORES = pa.schema(
+    [
+        pa.field("a", pa.string(), nullable=False),  # a < b
+        pa.field("b", pa.string(), nullable=False),
+        pa.field("a_hash", pa.string(), nullable=False),
+        pa.field("b_hash", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("matcher_version", pa.string(), nullable=False),  # e.g. pair-matcher/3
+        pa.field("scored_at", TS, nullable=False),
+    ]
+)
 CLUSTERS = pa.schema(
     [
         pa.field("product_id", pa.string(), nullable=False),
@@ -234,6 +247,7 @@ TABLES: dict[str, pa.Schema] = {
     "embeddings": EMBEDDINGS,
     "knn_graph": KNN_GRAPH,
     "duplicates": DUPLICATES,
+    "pair_scores": PAIR_SCORES,
     "clusters": CLUSTERS,
     "runs": RUNS,
 }

@@ -27,6 +27,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "embeddings": ("product_id",),
     "knn_graph": ("product_id",),
     "duplicates": ("a", "b"),
+    "pair_scores": ("a", "b"),
     "clusters": ("product_id",),
     "runs": ("run_id",),
 }
