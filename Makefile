@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint docker-check bench bench-ingest bench-dedupe bench-quality bench-enrich bench-scale bench-scale-1m bench-precision bench-dedupe-quality bench-dedupe-quality-cross clean
+.PHONY: venv demo test lint docker-check bench bench-ingest bench-dedupe bench-quality bench-enrich bench-scale bench-scale-1m bench-precision bench-dedupe-quality bench-dedupe-quality-cross bench-dedupe-flow clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=/path/to/python3.11"; exit 1; }
@@ -59,6 +59,10 @@ bench-dedupe-quality: $(STAMP)
 
 bench-dedupe-quality-cross: $(STAMP)
 	$(PY) bench/dedupe_quality.py --benchmarks Abt-Buy wdc/computers --epochs 2 --max-length 64 --summarize 16 --lr 8e-5
+
+# the product's own commands on the Ditto benchmarks (import, train matcher with SupCon, dedupe): ~40 min
+bench-dedupe-flow: $(STAMP)
+	$(PY) bench/dedupe_flow.py
 
 bench-enrich: $(STAMP)
 	$(PY) bench/enrich.py

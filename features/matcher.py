@@ -357,8 +357,6 @@ class PairFeatures:
         """What ``PairFeatures.from_state`` needs, as JSON (tower config, vocabularies) and arrays (IDF weights)."""
         if self.word_tfidf is None:
             raise RuntimeError("PairFeatures is not fit; call .fit(rows) with the records first")
-        if self.supcon is not None:
-            raise ValueError("a SupCon feature function cannot be saved with PairFeatures; save without it")
         tower = None if self.tower is None else dataclasses.asdict(self.tower.cfg)
         meta = {"tower": tower, "batch_size": self.batch_size, "vocabulary": {}}
         arrays = {}
@@ -568,9 +566,18 @@ class HybridMatcher:
             raise RuntimeError("HybridMatcher is not fit; call .fit(train, valid) first")
         if self.weight != 0.0:
             raise ValueError(f"this matcher blends a cross-encoder (weight {self.weight}); save one fit without it")
+        from features.supcon import SupConTuner
+
         trees = self.model if isinstance(self.model, TreeEnsemble) else TreeEnsemble.from_sklearn(self.model)
         meta, arrays = self.features.state()
         arrays |= {f"trees.{k}": v for k, v in trees.arrays.items()}
+        meta["supcon"] = None
+        if self.features.supcon is not None:  # the fine-tuned tower behind ``supcon_cosine``: its config and weights
+            tuner = getattr(self.features.supcon, "__self__", None)
+            if not isinstance(tuner, SupConTuner):
+                raise ValueError("supcon_cosine comes from a function, not a SupConTuner's .embed: it cannot be saved")
+            meta["supcon"] = dataclasses.asdict(tuner.cfg)
+            arrays |= {f"supcon.{k}": v.detach().cpu().numpy() for k, v in tuner.state_dict().items()}
         if self.features.tower is not None and self.features.tower.cfg.tiny:
             arrays |= {f"tower.{k}": v.detach().cpu().numpy() for k, v in self.features.tower.state_dict().items()}
         meta |= {
@@ -599,6 +606,14 @@ class HybridMatcher:
         tower_state = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("tower.")}
         if tower_state:
             features.tower.load_state_dict(tower_state)
+        if meta.get("supcon") is not None:
+            from features.supcon import SupConConfig, SupConTuner
+
+            sc = dict(meta["supcon"])
+            tuner = SupConTuner(SupConConfig(**(sc | {"text": TextTowerConfig(**sc["text"])})))
+            state = {k[7:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("supcon.")}
+            tuner.load_state_dict(state)
+            features.supcon = tuner.eval().embed
         cfg = dict(meta["config"])
         cfg |= {"features": tuple(cfg["features"]), "blend_grid": tuple(cfg["blend_grid"])}
         out = cls(HybridConfig(**cfg), features=features)

@@ -363,6 +363,9 @@ def train_matcher_cmd(
     max_iter: Annotated[int, typer.Option(min=1, help="Boosting iterations.")] = 300,
     learning_rate: float = 0.05,
     seed: int = 0,
+    supcon_epochs: Annotated[
+        int, typer.Option(min=0, help="Also fine-tune a tower with SupCon on the train pairs (its cosine a feature).")
+    ] = 0,
     register: bool = True,
     warehouse: WarehouseOpt = None,
 ) -> None:
@@ -373,7 +376,7 @@ def train_matcher_cmd(
 
     s = train_matcher(source=source, benchmark=benchmark, train_split=train_split, valid_split=valid_split,
                       test_split=test_split, tower=tower, max_iter=max_iter, learning_rate=learning_rate, seed=seed,
-                      register_model=register, warehouse_root=warehouse)  # fmt: skip
+                      supcon_epochs=supcon_epochs, register_model=register, warehouse_root=warehouse)  # fmt: skip
     console.print_json(data=s, default=str)
 
 

@@ -53,6 +53,41 @@ def _tower(kind: str):
     return TextTower(TextTowerConfig(max_length=128, trainable=False, tiny=kind == "tiny")).eval()
 
 
+def _fit_supcon(train: list[tuple[dict, dict, int]], valid: list[tuple[dict, dict, int]], epochs: int, seed: int,
+                tiny: bool):  # fmt: skip
+    """The text tower fine-tuned with SupCon on the train pairs' clusters (features/supcon.py, after R-SupCon), the
+    epoch kept by the valid pairs' cosine pair F1; (tuner, per-epoch history)."""
+    from collections import defaultdict
+
+    from features.matcher import serialize
+    from features.similarity import threshold_for_f1
+    from features.supcon import SupConConfig, SupConTuner, clusters_from_pairs
+    from features.towers import TextTowerConfig
+
+    rows = {r["product_id"]: r for a, b, _ in train for r in (a, b)}
+    ids = sorted(rows)
+    cluster = clusters_from_pairs(ids, ((a["product_id"], b["product_id"], y) for a, b, y in train))
+    index = {pid: i for i, pid in enumerate(ids)}
+    negatives: dict[int, list[int]] = defaultdict(list)
+    for a, b, y in train:
+        if not y:
+            negatives[index[a["product_id"]]].append(index[b["product_id"]])
+            negatives[index[b["product_id"]]].append(index[a["product_id"]])
+    valid_y = np.array([y for *_, y in valid])
+
+    def select(tuner) -> dict[str, float]:
+        left = tuner.embed([serialize(a) for a, _, _ in valid])
+        right = tuner.embed([serialize(b) for _, b, _ in valid])
+        _, f1 = threshold_for_f1((left * right).sum(1), valid_y)
+        return {"score": f1}
+
+    text = TextTowerConfig(max_length=64, tiny=tiny)
+    tuner = SupConTuner(SupConConfig(text=text, max_length=64, epochs=epochs, seed=seed, singleton_views=1))
+    fit = tuner.fit([serialize(rows[i]) for i in ids], [cluster[i] for i in ids], negatives=dict(negatives),
+                    select=select, log=None)  # fmt: skip
+    return tuner.eval(), fit.history
+
+
 def _catalog_rows(wh: Warehouse, source: str | None) -> list[dict[str, Any]]:
     """Every product of ``source`` (all when None): the records the TF-IDF vocabularies are fit on."""
     where = " WHERE source = '" + source.replace("'", "''") + "'" if source else ""
@@ -130,13 +165,18 @@ def train_matcher(
     learning_rate: float = 0.05,
     max_leaf_nodes: int = 15,
     seed: int = 0,
+    supcon_epochs: int = 0,
     warehouse_root: str | None = None,
     experiment: str = EXPERIMENT,
     register_model: bool = True,
 ) -> dict[str, Any]:
     """Fit the pair matcher on the warehouse's labelled ``train_split`` pairs (of ``benchmark`` and ``source``, or
     all), choose its threshold on the ``valid_split`` pairs, score the ``test_split`` pairs once, log everything to
-    MLflow and register ``pair-matcher``. A split name matches exactly, or as a prefix when no split has it."""
+    MLflow and register ``pair-matcher``. A split name matches exactly, or as a prefix when no split has it.
+
+    ``supcon_epochs`` > 0 also fine-tunes a copy of the text tower with SupCon on the train pairs (epoch chosen on
+    the valid pairs) and fits the trees again with its cosine as one more feature (``supcon_cosine``); that matcher
+    is kept only when its valid pair F1 is higher (the tuned tower saw the train pairs, so valid decides)."""
     from features.matcher import FEATURES, HybridConfig, HybridMatcher, PairFeatures
 
     logger = get_run_logger()
@@ -156,8 +196,17 @@ def train_matcher(
                        features=tuple(f for f in FEATURES if f != "supcon_cosine"))  # fmt: skip
     features = PairFeatures(_tower(tower)).fit(_catalog_rows(wh, source))
     matcher = HybridMatcher(cfg, features=features).fit(pairs["train"], pairs["valid"])
-    fit_seconds = time.perf_counter() - started
-    metrics = {"fit_seconds": fit_seconds, "threshold": matcher.threshold}
+    metrics, history = {"val_pair_f1_plain": matcher.valid_f1}, []
+    if supcon_epochs:
+        tuner, history = _fit_supcon(pairs["train"], pairs["valid"], supcon_epochs, seed, tiny=tower == "tiny")
+        tuned = PairFeatures(features.tower, features.batch_size, supcon=tuner.embed)
+        tuned.word_tfidf, tuned.char_tfidf, tuned._cache = features.word_tfidf, features.char_tfidf, features._cache
+        with_sc = HybridMatcher(dataclasses.replace(cfg, features=(*cfg.features, "supcon_cosine")), features=tuned)
+        with_sc.fit(pairs["train"], pairs["valid"])
+        metrics["val_pair_f1_supcon"] = with_sc.valid_f1
+        if with_sc.valid_f1 > matcher.valid_f1:
+            matcher = with_sc
+    metrics |= {"fit_seconds": time.perf_counter() - started, "threshold": matcher.threshold}
     for split in ("valid", "test"):
         if pairs[split]:
             y = np.array([t[2] for t in pairs[split]], bool)
@@ -174,11 +223,15 @@ def train_matcher(
             | {f"data.{k}_matches": sum(y for *_, y in v) for k, v in pairs.items()})  # fmt: skip
         mlflow.set_tags({"source": source or "all", "warehouse": wh.root, "kind": "pair-matcher", "eval_set": eval_set})
         mlflow.log_metrics(metrics)
+        for h in history:  # SupCon's epochs (-1: before fine-tuning)
+            mlflow.log_metrics({"supcon_val_cosine_f1": h["score"], "supcon_loss": h["loss"]}, step=h["epoch"] + 1)
+        mlflow.log_params({"supcon_epochs": supcon_epochs, "supcon_used": matcher.features.supcon is not None})
         folder = matcher.save(Path(tmp) / "matcher")
         version, promotion = _log_model(folder, pairs["valid"], register_model, eval_set,
                                         metrics["val_pair_f1"])  # fmt: skip
         run_id = active.info.run_id
     summary = {"run_id": run_id, "source": source, "model_version": version, "promotion": promotion,
+               "supcon_used": matcher.features.supcon is not None,
                "pairs": {k: len(v) for k, v in pairs.items()}, "threshold": round(matcher.threshold, 4),
                **{k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_", "test_"))},
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

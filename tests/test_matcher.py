@@ -151,3 +151,19 @@ def test_tiny_cross_encoder_fits_with_summaries_and_length_batches():
     assert np.allclose(m.predict_proba(pairs[::-1]), p[::-1], atol=1e-6)
     batches = m._batches(np.array([5, 1, 9, 3, 7]), 2, None)
     assert [b.tolist() for b in batches] == [[1, 3], [0, 4], [2]]
+
+
+def test_hybrid_matcher_with_a_supcon_tower_saves_it_and_loads_the_same_scores(tmp_path):
+    from features.supcon import SupConConfig, SupConTuner
+
+    train, valid, test = toy_pairs(60, 0), toy_pairs(30, 1), toy_pairs(20, 2)
+    tuner = SupConTuner(SupConConfig(text=TextTowerConfig(tiny=True, max_length=32), max_length=32, epochs=1))
+    feats = PairFeatures(supcon=tuner.eval().embed).fit(r for a, b, _ in (*train, *valid) for r in (a, b))
+    m = HybridMatcher(HybridConfig(max_iter=20), features=feats).fit(train, valid)
+    assert FEATURES.index("supcon_cosine") in m.columns
+    back = HybridMatcher.load(m.save(tmp_path / "m"))
+    pairs = [(a, b) for a, b, _ in test]
+    np.testing.assert_allclose(back.predict_proba(pairs), m.predict_proba(pairs), atol=1e-6)
+    m.features.supcon = lambda texts: np.ones((len(texts), 4), np.float32)  # not a tuner: nothing to save
+    with pytest.raises(ValueError, match="SupConTuner"):
+        m.save(tmp_path / "f")

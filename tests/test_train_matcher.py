@@ -83,11 +83,16 @@ def test_train_matcher_then_dedupe_scores_only_changed_pairs(tmp_path, prefect_h
     assert (out["match"].to_numpy() == matcher.predict(valid)).all()
 
     # a second version through the CLI, scored on the same valid pairs: the alias moves only if it is better
-    res = CliRunner().invoke(app, ["train", "matcher", "--benchmark", "toy", "--tower", "none", "--max-iter", "5",
-                                   "-w", wh_root])  # fmt: skip
+    # (with a SupCon-tuned tower: its cosine becomes a feature when that scores better on valid)
+    res = CliRunner().invoke(app, ["train", "matcher", "--benchmark", "toy", "--tower", "tiny", "--max-iter", "5",
+                                   "--supcon-epochs", "1", "-w", wh_root])  # fmt: skip
     assert res.exit_code == 0, res.output
     second, _ = json.JSONDecoder().raw_decode(res.output[res.output.index("{") :])
     assert second["model_version"] == "2" and second["promotion"] and "@champion" in second["promotion"]
+    metrics = mlflow.MlflowClient().get_run(second["run_id"]).data.metrics
+    assert {"val_pair_f1_plain", "val_pair_f1_supcon", "supcon_val_cosine_f1"} <= set(metrics)
+    assert second["val_pair_f1"] == pytest.approx(max(metrics["val_pair_f1_plain"], metrics["val_pair_f1_supcon"]))
+    assert load_matcher("2")[0].features.supcon is not None or not second["supcon_used"]
 
     # dedupe with the matcher: every top-k pair is a candidate, the matcher decides
     d = dedupe(warehouse_root=wh_root, method="chars", k=10, matcher="1")
