@@ -564,19 +564,28 @@ def cluster(
     *,
     scores: np.ndarray | None = None,
     max_cluster_size: int = 50,
+    min_linkage: float = 0.0,
 ) -> np.ndarray:
     """Cluster ids (N,) int64 from match pairs: connected components, no component above ``max_cluster_size``.
 
     Edges are merged strongest first (by ``scores``; in the given order without them) and a merge that would make a
     component larger than ``max_cluster_size`` is refused, so a long chain of matches is cut at its weakest links
-    rather than growing into one giant cluster. Cluster ids are 0..C-1 in order of each cluster's first member.
+    rather than growing into one giant cluster. With ``min_linkage`` > 0 a merge of clusters A and B also needs at
+    least ``min_linkage * |A| * |B|`` matched pairs between them (a binary average linkage): 0.5 lets a cluster
+    grow only where most of its members match the newcomers, 1.0 keeps only cliques. Matches are transitive, match
+    decisions are not: without it one variant matching two products chains them together (Abt-Buy, pair-matcher
+    decisions: cluster-pair F1 0.58 with none, 0.80 at 0.5, 0.88 at 1.0 on valid). Cluster ids are 0..C-1 in order
+    of each cluster's first member.
 
     Args:
         a, b: the matched pairs, as row positions when ``n_or_ids`` is a count, else as ids from ``n_or_ids``.
         n_or_ids: the number of products, or their ids (N,).
         scores: pair scores (E,); higher merges first.
         max_cluster_size: the cap; 0 or None for plain connected components.
+        min_linkage: the share of the cross pairs that must be matches for two clusters to merge (0: any one).
     """
+    if not 0.0 <= min_linkage <= 1.0:
+        raise ValueError(f"min_linkage must be in [0, 1] (got {min_linkage}); 0.5 = most cross pairs must match")
     if isinstance(n_or_ids, (int, np.integer)):
         n = int(n_or_ids)
         ia, ib = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
@@ -601,6 +610,21 @@ def cluster(
 
     parent = np.arange(n)
     size = np.ones(n, dtype=np.int64)
+    members: dict[int, list[int]] = {}  # root -> its members, kept only for clusters of 2+ (min_linkage)
+    adjacent: dict[int, set[int]] = {}
+    if min_linkage > 0:
+        for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
+            adjacent.setdefault(i, set()).add(j)
+            adjacent.setdefault(j, set()).add(i)
+
+    def linked(ri: int, rj: int) -> bool:
+        """Enough matched pairs between the clusters of roots ``ri`` and ``rj`` (the edge at hand is one)."""
+        need = min_linkage * size[ri] * size[rj]
+        if need <= 1:
+            return True
+        small, big = (ri, rj) if size[ri] <= size[rj] else (rj, ri)
+        big_set = set(members.get(big, [big]))
+        return sum(len(adjacent[m] & big_set) for m in members.get(small, [small])) >= need
 
     def find(i: int) -> int:
         root = i
@@ -612,12 +636,16 @@ def cluster(
 
     for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
         ri, rj = find(i), find(j)
-        if ri == rj or size[ri] + size[rj] > cap:
+        if ri == rj or size[ri] + size[rj] > cap or (min_linkage > 0 and not linked(ri, rj)):
             continue
         if size[ri] < size[rj]:
             ri, rj = rj, ri
         parent[rj] = ri
         size[ri] += size[rj]
+        if min_linkage > 0:
+            grown = members.pop(ri, [ri])  # the larger cluster's list, extended in place
+            grown.extend(members.pop(rj, [rj]))
+            members[ri] = grown
     roots = np.array([find(i) for i in range(n)], dtype=np.int64)
     _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
     rank = np.empty(len(first), dtype=np.int64)

@@ -463,12 +463,21 @@ def dedupe_cmd(
         str,
         typer.Option(
             help="encoder (product-encoder@champion) | text (pretrained MiniLM) | chars (char n-gram "
-            "TF-IDF sketch: no model, fastest)"
+            "TF-IDF sketch: no model, fastest) | matcher (the SupCon tower of pair-matcher@champion)"
         ),  # fmt: skip
     ] = "encoder",
     k: Annotated[int, typer.Option(help="Neighbours per product.")] = 10,
     threshold: Annotated[float, typer.Option(help="Cosine cut when no labelled validation pairs exist.")] = 0.9,
     max_cluster_size: int = 50,
+    min_linkage: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of the cross pairs that must match for two clusters to merge "
+            "(0: any one match chains them; 1: cliques only).",
+        ),  # fmt: skip
+    ] = 0.5,
     full: Annotated[bool, typer.Option("--full", help="Recompute everything instead of incrementally.")] = False,
     precision: EmbedPrecisionOpt = "fp32",
     exact_max: Annotated[int, typer.Option(min=2, help="Exact search up to this many products, IVF beyond.")] = 50_000,
@@ -491,8 +500,8 @@ def dedupe_cmd(
     from flows.dedupe import dedupe
 
     summary = dedupe(warehouse_root=warehouse, source=source, method=method, k=k, threshold=threshold,
-                     max_cluster_size=max_cluster_size, full=full, precision=precision, exact_max=exact_max,
-                     target_recall=target_recall, refit=refit, matcher=matcher)  # fmt: skip
+                     max_cluster_size=max_cluster_size, min_linkage=min_linkage, full=full, precision=precision,
+                     exact_max=exact_max, target_recall=target_recall, refit=refit, matcher=matcher)  # fmt: skip
     console.print_json(data=summary)
 
 
@@ -559,7 +568,11 @@ CatalogArg = Annotated[str | None, typer.Argument(help="Catalog file to ingest f
 SourceOpt = Annotated[str | None, typer.Option(help="Source name for the catalog's rows (default: its path).")]
 MappingOpt = Annotated[str | None, typer.Option(help='Column mapping as JSON, e.g. \'{"sku": "product_id"}\'')]
 MethodOpt = Annotated[
-    str, typer.Option(help="Dedupe embeddings: encoder (product-encoder@champion) | text | chars (no model).")
+    str,
+    typer.Option(
+        help="Dedupe embeddings: encoder (product-encoder@champion) | text | chars (no model) | matcher (the SupCon "
+        "tower of pair-matcher@champion)"
+    ),
 ]
 RunnerOpt = Annotated[str, typer.Option(help="default (threads) | dask (featurize/predict/embed on Dask).")]
 DaskOpt = Annotated[str | None, typer.Option(help="Address of an existing Dask scheduler (default: LocalCluster).")]

@@ -46,7 +46,8 @@ from warehouse.tables import Warehouse
 
 PRETRAINED_TEXT = "minilm-pretrained"
 CHAR_NGRAMS = "char-ngrams"
-METHODS = ("encoder", "text", "chars")
+METHODS = ("encoder", "text", "chars", "matcher")
+MATCHER_TOWER = "pair-matcher-supcon"
 EMBED_PRECISIONS = ("fp32", "int8")
 
 
@@ -86,6 +87,17 @@ class Embedder:
 
             self.model, self.version, self.run_id = load_encoder(model_version)
             self.name = "product-encoder"
+        elif method == "matcher":  # the SupCon-tuned tower saved with the pair matcher
+            from features.supcon import SupConTuner
+            from flows.train_matcher import load_matcher
+
+            matcher, self.version, self.run_id = load_matcher(model_version)
+            self.supcon = matcher.features.supcon
+            if not isinstance(getattr(self.supcon, "__self__", None), SupConTuner):
+                raise LookupError(f"pair-matcher version {self.version} has no SupCon tower to embed with; train one "
+                                  "with `enrich train matcher --supcon-epochs 4`, or use another --method")  # fmt: skip
+            self.name = MATCHER_TOWER
+            return
         else:
             raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
         if precision == "int8":
@@ -101,6 +113,8 @@ class Embedder:
 
         if self.method == "chars":
             return self.chars([serialize(r) for r in rows])
+        if self.method == "matcher":
+            return self.supcon([serialize(r) for r in rows])
         with torch.no_grad():
             if self.method == "text":
                 return self.tower.embed_many([serialize(r) for r in rows], batch_size, states=self.text_onnx)
@@ -145,7 +159,8 @@ def resolve_embedder(
     before_fit: Callable[[], Any] | None = None,
 ) -> EmbedderRef:
     """The embedder a run will use: ``text`` (pretrained MiniLM), ``encoder`` (``product-encoder@champion`` or an
-    explicit version; a clear error naming what to run when there is none) or ``chars`` (the char n-gram sketch
+    explicit version; a clear error naming what to run when there is none), ``matcher`` (the SupCon-tuned tower of
+    ``pair-matcher@champion``, trained with ``--supcon-epochs``) or ``chars`` (the char n-gram sketch
     fitted on ``wh``'s products of ``source``: the stored fit, or a new one when there is none or ``refit``;
     ``before_fit()`` runs first, e.g. to ingest the catalog it is fitted on). ``precision`` (``fp32`` | ``int8``:
     the text tower int8 under ONNX Runtime; recorded as version ``<v>+int8``, so switching re-embeds everything)
@@ -159,18 +174,24 @@ def resolve_embedder(
         if wh is None:
             raise ValueError("resolve_embedder('chars') needs the warehouse (wh=) its fit lives in")
         return _char_ngrams(wh, source, refit, before_fit)
-    if method != "encoder":
+    if method not in ("encoder", "matcher"):
         raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
     import mlflow
 
     from flows import tracking
     from flows.train_encoder import MODEL_NAME
+    from flows.train_matcher import MODEL_NAME as MATCHER
 
+    if method == "matcher" and precision != "fp32":
+        raise ValueError("--method matcher embeds with the matcher's SupCon tower in fp32; drop --precision int8")
+    model = MODEL_NAME if method == "encoder" else MATCHER
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
-    mv = client.get_model_version(MODEL_NAME, str(model_version)) if model_version else tracking.champion(
-        MODEL_NAME, client)  # fmt: skip
-    return EmbedderRef("encoder", MODEL_NAME, f"{mv.version}{suffix}", mv.run_id, mlflow.get_tracking_uri(), precision)
+    hint = "enrich train encoder" if method == "encoder" else "enrich train matcher --supcon-epochs 4"
+    mv = client.get_model_version(model, str(model_version)) if model_version else tracking.champion(
+        model, client, hint)  # fmt: skip
+    name = MODEL_NAME if method == "encoder" else MATCHER_TOWER
+    return EmbedderRef(method, name, f"{mv.version}{suffix}", mv.run_id, mlflow.get_tracking_uri(), precision)
 
 
 def _char_ngrams(wh: Warehouse, source: str | None, refit: bool, before_fit: Callable[[], Any] | None) -> EmbedderRef:
@@ -216,7 +237,7 @@ def load_embedder(ref: EmbedderRef) -> Embedder:
             import os
 
             os.environ["MLFLOW_TRACKING_URI"] = ref.tracking_uri
-        version = ref.model_version if ref.method == "encoder" else None
+        version = ref.model_version if ref.method in ("encoder", "matcher") else None
         _EMBEDDERS[ref] = Embedder(ref.method, version, ref.precision, ref.artifact)
     return _EMBEDDERS[ref]
 
@@ -456,6 +477,7 @@ def find_duplicates(
     exact_max: int = 50_000,
     target_recall: float = 0.99,
     max_cluster_size: int = 50,
+    min_linkage: float = 0.5,
     full: bool = False,
     spare: int | None = None,
     matcher: tuple[Any, str] | None = None,
@@ -544,7 +566,7 @@ def find_duplicates(
                     "method": pa.repeat(method, n_pairs), "threshold": np.full(n_pairs, thr, np.float32),
                     "model_version": pa.repeat(version, n_pairs), "run_id": pa.repeat(run_id, n_pairs),
                     "detected_at": pa.repeat(pa.scalar(now, pa.timestamp("us", "UTC")), n_pairs)})  # fmt: skip
-    cl = cluster(ia, ib, len(gids), scores=score, max_cluster_size=max_cluster_size)
+    cl = cluster(ia, ib, len(gids), scores=score, max_cluster_size=max_cluster_size, min_linkage=min_linkage)
     # a cluster's id is its smallest product id: stable across runs whatever the graph's row order
     by_id = np.argsort(gids, kind="stable")
     _, first = np.unique(cl[by_id], return_index=True)
@@ -568,7 +590,7 @@ def find_duplicates(
     dist = cluster_size_distribution(cl)
     return {
         "products": int(len(ids)), "graph": mode, "k": k, "depth": depth, "threshold": thr, "threshold_from": thr_how,
-        "duplicate_pairs": int(n_pairs), "clusters": dist["clusters"],
+        "duplicate_pairs": int(n_pairs), "min_linkage": min_linkage, "clusters": dist["clusters"],
         "non_singleton_clusters": dist["clusters"] - dist["singletons"], "largest_cluster": dist["max"],
         "cluster_sizes": dist["histogram"], "ann_recall_at_k": ann["recall"], "ann_nprobe": ann["nprobe"],
         "model": version, "run_id": run_id, **scored,
@@ -634,6 +656,7 @@ def dedupe(
     threshold: float = 0.9,
     exact_max: int = 50_000,
     max_cluster_size: int = 50,
+    min_linkage: float = 0.5,
     full: bool = False,
     precision: str = "fp32",
     target_recall: float = 0.99,
@@ -664,6 +687,7 @@ def dedupe(
         known, embedded = embed_products(wh, ref, products, full=full)
         summary = find_duplicates(wh, ref, products, known, source=source, k=k, threshold=threshold,
                                   exact_max=exact_max, target_recall=target_recall, max_cluster_size=max_cluster_size,
+                                  min_linkage=min_linkage,
                                   full=full, matcher=pair_matcher)  # fmt: skip
     summary = {"embedded": embedded, **summary, "seconds": round(time.perf_counter() - started, 2)}
     logger.info("dedupe: %s", summary)

@@ -336,6 +336,7 @@ def nightly(
     backend: str = "auto",
     embed_precision: str = "fp32",
     dedupe_matcher: str | None = None,
+    min_linkage: float = 0.5,
     runner: str = "default",
     dask_address: str | None = None,
     dask_workers: int = 2,
@@ -358,6 +359,8 @@ def nightly(
         embed_precision: the dedupe embedder's ``fp32`` | ``int8`` (see `flows.dedupe.resolve_embedder`).
         dedupe_matcher: ``champion`` or a version of the registered ``pair-matcher`` to decide the top-k candidate
             pairs with (``enrich train matcher``); None keeps the cosine threshold.
+        min_linkage: the clustering's merge rule (`features.similarity.cluster`): the share of the cross pairs of
+            two clusters that must be duplicates for them to merge.
         batch_size: rows per model batch; ``commit_rows``: about how many products each Delta commit of predictions
             and embeddings holds (also committed every 30 s; a stopped run redoes at most one group). A commit that
             replaces rows rewrites its table, ~12 s for ``review_queue`` at 1M products, so a 1% rerun at 1M is one
@@ -374,7 +377,8 @@ def nightly(
     params = {"catalog": catalog, "source": source, "dedupe_method": dedupe_method, "k": k, "threshold": threshold,
               "batch_size": batch_size, "commit_rows": commit_rows, "device": device, "precision": precision,
               "backend": backend, "embed_precision": embed_precision, "runner": runner,
-              "dask_workers": dask_workers, "media": media, "dedupe_matcher": dedupe_matcher}  # fmt: skip
+              "dask_workers": dask_workers, "media": media, "dedupe_matcher": dedupe_matcher,
+              "min_linkage": min_linkage}  # fmt: skip
     with nightly_lock(wh, lock, wait_s) as held:
         logger.info("nightly lock: %s", held)
         tracking.setup(EXPERIMENT)
@@ -424,7 +428,7 @@ def nightly(
             try:
                 _run_stages(wh, rec, catalog=catalog, fmt=fmt, mapping=mapping, media=media, source=source,
                             jave_ref=jave_ref, emb_ref=emb_ref, k=k, threshold=threshold, batch_size=batch_size,
-                            commit_rows=commit_rows, last_ok=last_ok, matcher=matcher,
+                            commit_rows=commit_rows, last_ok=last_ok, matcher=matcher, min_linkage=min_linkage,
                             task_runner=_dask_runner(runner, dask_address, dask_workers, stack),
                             workers=dask_workers)  # fmt: skip
             except BaseException as e:
@@ -441,7 +445,8 @@ def nightly(
 
 
 def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, source, jave_ref, emb_ref, k,
-                threshold, batch_size, commit_rows, last_ok, task_runner, workers, matcher=None) -> None:  # fmt: skip
+                threshold, batch_size, commit_rows, last_ok, task_runner, workers, matcher=None,
+                min_linkage=0.5) -> None:  # fmt: skip
     from flows.dedupe import _products, embed_products, find_duplicates
 
     logger = get_run_logger()
@@ -497,7 +502,9 @@ def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, 
         if products.num_rows < 2:
             return {"skipped": "fewer than 2 products"}
         known, _ = embed_products(wh, emb_ref, products)  # all stored by the embed stage: a read
-        s = find_duplicates(wh, emb_ref, products, known, k=k, threshold=threshold, matcher=matcher)
+        s = find_duplicates(
+            wh, emb_ref, products, known, k=k, threshold=threshold, matcher=matcher, min_linkage=min_linkage
+        )
         return {k2: v for k2, v in s.items() if k2 != "run_id"}
 
     stage("dedupe", dedupe)

@@ -206,6 +206,9 @@ def train_matcher(
         metrics["val_pair_f1_supcon"] = with_sc.valid_f1
         if with_sc.valid_f1 > matcher.valid_f1:
             matcher = with_sc
+    supcon_used = "supcon_cosine" in [FEATURES[c] for c in matcher.columns]
+    if supcon_epochs and not supcon_used:  # kept for blocking (`enrich dedupe --method matcher`), not a feature
+        matcher.features.supcon = tuner.embed
     metrics |= {"fit_seconds": time.perf_counter() - started, "threshold": matcher.threshold}
     for split in ("valid", "test"):
         if pairs[split]:
@@ -225,13 +228,13 @@ def train_matcher(
         mlflow.log_metrics(metrics)
         for h in history:  # SupCon's epochs (-1: before fine-tuning)
             mlflow.log_metrics({"supcon_val_cosine_f1": h["score"], "supcon_loss": h["loss"]}, step=h["epoch"] + 1)
-        mlflow.log_params({"supcon_epochs": supcon_epochs, "supcon_used": matcher.features.supcon is not None})
+        mlflow.log_params({"supcon_epochs": supcon_epochs, "supcon_used": supcon_used})
         folder = matcher.save(Path(tmp) / "matcher")
         version, promotion = _log_model(folder, pairs["valid"], register_model, eval_set,
                                         metrics["val_pair_f1"])  # fmt: skip
         run_id = active.info.run_id
     summary = {"run_id": run_id, "source": source, "model_version": version, "promotion": promotion,
-               "supcon_used": matcher.features.supcon is not None,
+               "supcon_used": supcon_used,
                "pairs": {k: len(v) for k, v in pairs.items()}, "threshold": round(matcher.threshold, 4),
                **{k: round(v, 4) for k, v in metrics.items() if k.startswith(("val_", "test_"))},
                "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip

@@ -236,6 +236,24 @@ def test_giant_cluster_guard_cuts_a_chain_at_its_weakest_links():
     assert cluster_size_distribution(guarded)["max"] <= 5
 
 
+def test_min_linkage_stops_one_match_from_chaining_clusters():
+    # a chain 0-1-2-3 (scores falling), and a clique 4-5-6-7 (every pair matched)
+    chain_a, chain_b, chain_s = [0, 1, 2], [1, 2, 3], [0.9, 0.8, 0.7]
+    clique = [(i, j) for i in range(4, 8) for j in range(i + 1, 8)]
+    a = np.array(chain_a + [i for i, _ in clique])
+    b = np.array(chain_b + [j for _, j in clique])
+    s = np.array(chain_s + [0.95] * len(clique))
+    plain = cluster(a, b, 8, scores=s, max_cluster_size=0)
+    assert len(set(plain[:4])) == 1 and len(set(plain[4:])) == 1
+    half = cluster(a, b, 8, scores=s, max_cluster_size=0, min_linkage=0.5)
+    # 0-1 merge, then 2 joins {0, 1} (1 of its 2 cross pairs matches), 3 does not (1 of 3)
+    assert half[0] == half[1] == half[2] != half[3] and len(set(half[4:])) == 1
+    full = cluster(a, b, 8, scores=s, max_cluster_size=0, min_linkage=1.0)
+    assert full[0] == full[1] != full[2] == full[3] and len(set(full[4:])) == 1  # the clique survives whole
+    with pytest.raises(ValueError, match="min_linkage"):
+        cluster(a, b, 8, min_linkage=1.5)
+
+
 def test_nmi_purity_and_threshold_toy():
     nmi, purity = nmi_purity(np.array([0, 0, 1, 1, 2, 2]), np.array(["a", "a", "b", "b", "b", "b"]))
     assert purity == 1.0 and 0.5 < nmi < 1.0

@@ -92,7 +92,7 @@ def test_train_matcher_then_dedupe_scores_only_changed_pairs(tmp_path, prefect_h
     metrics = mlflow.MlflowClient().get_run(second["run_id"]).data.metrics
     assert {"val_pair_f1_plain", "val_pair_f1_supcon", "supcon_val_cosine_f1"} <= set(metrics)
     assert second["val_pair_f1"] == pytest.approx(max(metrics["val_pair_f1_plain"], metrics["val_pair_f1_supcon"]))
-    assert load_matcher("2")[0].features.supcon is not None or not second["supcon_used"]
+    assert load_matcher("2")[0].features.supcon is not None  # a feature, or kept for blocking only
 
     # dedupe with the matcher: every top-k pair is a candidate, the matcher decides
     d = dedupe(warehouse_root=wh_root, method="chars", k=10, matcher="1")
@@ -121,3 +121,11 @@ def test_train_matcher_then_dedupe_scores_only_changed_pairs(tmp_path, prefect_h
     fresh = matcher.predict_proba([tuple(wh.sql(f"SELECT * FROM products WHERE product_id = '{x}'").to_pylist()[0]
                                          for x in p) for p in touching])  # fmt: skip
     np.testing.assert_allclose([now[p] for p in touching], fresh, atol=1e-6)
+
+    # the matcher's SupCon tower as the blocking embedder; version 1 has none
+    with pytest.raises(LookupError, match="no SupCon tower"):
+        dedupe(warehouse_root=wh_root, method="matcher", model_version="1", k=10)
+    m = dedupe(warehouse_root=wh_root, method="matcher", model_version="2", k=10, matcher="2", min_linkage=1.0)
+    assert m["model"] == "pair-matcher-supcon/2+pair-matcher/2" and m["embedded"] == m["products"] == 160
+    sizes = {int(s) for s in m["cluster_sizes"]}
+    assert m["min_linkage"] == 1.0 and m["largest_cluster"] == max(sizes)
