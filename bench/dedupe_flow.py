@@ -8,8 +8,10 @@ warehouse and MLflow store under ``data/bench/dedupe_flow/``, each step a CLI su
    features, with the cosine of a SupCon-tuned tower as one more feature when that scores better on valid; threshold
    chosen on valid; registered as ``pair-matcher@champion``); it scores the test pairs once: ``matcher`` holds the
    matcher's pair F1 on the labelled test pairs, as ``bench/dedupe_quality.py`` scores a matcher;
-3. ``enrich dedupe --method chars --k 20 --matcher champion``: char n-gram sketches (no model) give every record's
-   top-20 candidates among all records of the benchmark; the matcher decides them;
+3. ``enrich dedupe --method matcher --k 20 --matcher champion``: the matcher's SupCon-tuned tower embeds every
+   record and gives its top-20 candidates among all records of the benchmark (``--method chars``: char n-gram
+   sketches, no model); the matcher decides them; clusters merge where at least half the cross pairs match
+   (``--min-linkage 0.5``, the default);
 4. the same ``enrich dedupe`` again with nothing changed (every pair score read back, none recomputed).
 
 From the warehouse afterwards: blocking recall of the test matches in the candidate graph (a match counts when
@@ -100,7 +102,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
     (root / "mlruns").mkdir()
     train, valid, test = SPLITS[name]
     res: dict = {"benchmark": name, "splits": {"train": train, "valid": valid, "test": test}, "k": args.k,
-                 "method": "chars", "tower": args.tower, "supcon_epochs": args.supcon_epochs}  # fmt: skip
+                 "method": args.method, "tower": args.tower, "supcon_epochs": args.supcon_epochs}  # fmt: skip
     res["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     _, res["import_seconds"] = run(["import", "ditto", str(SHARED / "ditto"), "--benchmark", name], env)
     fit, res["train_seconds"] = run(["train", "matcher", "--benchmark", f"ditto/{name}", "--train-split", train,
@@ -108,7 +110,7 @@ def run_benchmark(name: str, args: argparse.Namespace) -> dict:
                                      "--supcon-epochs", str(args.supcon_epochs)],
                                     env)  # fmt: skip
     res["matcher"] = {k: v for k, v in fit.items() if k not in ("run_id", "source")}
-    cmd = ["dedupe", "--method", "chars", "--k", str(args.k), "--matcher", "champion"]
+    cmd = ["dedupe", "--method", args.method, "--k", str(args.k), "--matcher", "champion"]
     first, res["dedupe_seconds"] = run(cmd, env)
     res["dedupe"] = {k: first.get(k) for k in ("products", "pairs_scored", "duplicate_pairs", "clusters",
                                               "largest_cluster", "seconds")}  # fmt: skip
@@ -126,6 +128,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--benchmarks", nargs="+", default=list(BENCHMARKS), choices=BENCHMARKS)
     ap.add_argument("--k", type=int, default=20, help="candidates per record")
+    ap.add_argument(
+        "--method",
+        default="matcher",
+        choices=("matcher", "chars", "text"),
+        help="the blocking embedder: the matcher's SupCon tower, char n-gram sketches or MiniLM",
+    )
     ap.add_argument("--tower", default="pretrained", choices=("pretrained", "none"))
     ap.add_argument("--supcon-epochs", type=int, default=4, help="enrich train matcher --supcon-epochs (0: none)")
     args = ap.parse_args()
