@@ -189,12 +189,11 @@ def maintain(
     """Compact the tables and delete the files replaced more than --retention-hours ago (Delta vacuum), under the
     nightly's lock. Merges and replaceWheres leave the replaced files behind: run this weekly, or the warehouse of a
     nightly catalog grows without bound."""
-    from flows.nightly import nightly_lock
-    from warehouse.tables import Warehouse
+    _env_defaults()
+    from flows.nightly import maintain as maintain_flow
 
-    wh = Warehouse(warehouse)
-    with nightly_lock(wh):
-        out = wh.maintain(table or None, retention_hours=retention_hours, compact=compact)
+    out = maintain_flow(warehouse_root=warehouse, tables=table or None, retention_hours=retention_hours,
+                        compact=compact)  # fmt: skip
     import pyarrow as pa
 
     print_arrow(pa.Table.from_pylist([{"table": t, **v} for t, v in out.items()]), title="maintain")

@@ -604,3 +604,25 @@ def summary_markdown(s: dict[str, Any]) -> str:
 def _artifact(rec: RunRecord, summary: dict[str, Any]) -> None:
     create_markdown_artifact(key="nightly-summary", markdown=summary_markdown(summary),
                              description=f"nightly run {rec.run_id}")  # fmt: skip
+
+
+@flow(name="maintain")
+def maintain(
+    warehouse_root: str | None = None,
+    tables: list[str] | None = None,
+    retention_hours: int = 168,
+    compact: bool = True,
+    lock: str = "auto",
+    wait_s: float = 0.0,
+) -> dict[str, dict[str, int]]:
+    """Compact the warehouse's tables and vacuum the files replaced more than ``retention_hours`` ago
+    (`Warehouse.maintain`), under the nightly's lock (``lock`` / ``wait_s`` as for `nightly`). The weekly
+    deployment in prefect.yaml runs it; `enrich maintain` runs it ad hoc."""
+    wh = Warehouse(warehouse_root)
+    with nightly_lock(wh, lock, wait_s) as held:
+        get_run_logger().info("nightly lock: %s", held)
+        out = wh.maintain(tables or None, retention_hours=retention_hours, compact=compact)
+    create_markdown_artifact(key="maintain-summary", description=f"warehouse maintenance of {wh.root}",
+                             markdown="# Warehouse maintenance\n\n" + reports.markdown_table(
+                                 [{"table": t, **v} for t, v in out.items()]))  # fmt: skip
+    return out
