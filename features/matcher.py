@@ -394,8 +394,8 @@ class PairFeatures:
             self._supcon_cache.update(zip(missing, self.supcon(missing), strict=True))
         return np.stack([self._supcon_cache[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
 
-    def __call__(self, pairs: Sequence[Pair]) -> np.ndarray:
-        """Features (P, len(FEATURES)) float32."""
+    def __call__(self, pairs: Sequence[Pair], supcon: bool = True) -> np.ndarray:
+        """Features (P, len(FEATURES)) float32; ``supcon=False`` leaves ``supcon_cosine`` NaN without embedding."""
         if self.word_tfidf is None:
             raise RuntimeError("PairFeatures is not fit; call .fit(rows) with the records first")
         n = len(pairs)
@@ -410,7 +410,7 @@ class PairFeatures:
             lt = [str(a.get("title") or "") for a, _ in pairs]
             rt = [str(b.get("title") or "") for _, b in pairs]
             out[:, col["title_cosine"]] = (self.embed(lt) * self.embed(rt)).sum(1)
-        if self.supcon is not None:
+        if self.supcon is not None and supcon:
             out[:, col["supcon_cosine"]] = (self.embed_supcon(left) * self.embed_supcon(right)).sum(1)
         for name, vec in (("tfidf_word", self.word_tfidf), ("tfidf_char", self.char_tfidf)):
             a, b = vec.transform(left), vec.transform(right)  # rows L2-normalised
@@ -498,7 +498,8 @@ class HybridMatcher:
         self.valid_f1 = float("nan")
 
     def _x(self, pairs: Sequence[Pair]) -> np.ndarray:
-        return self.features(pairs)[:, self.columns]
+        # the SupCon tower may ride along for blocking only: embed with it only when the trees read its cosine
+        return self.features(pairs, supcon=FEATURES.index("supcon_cosine") in self.columns)[:, self.columns]
 
     def _trees(self, pairs: Sequence[Pair]) -> np.ndarray:
         return self.model.predict_proba(self._x(pairs))[:, 1].astype(np.float32)
