@@ -315,30 +315,16 @@ def supcon_text_tower(model: ProductEncoder, pairs: Sequence[Pair], cfg: Encoder
     Records are the pairs' rows by ``product_id``, fed as (title, description), as ``collate`` feeds the tower.
     Returns ``train_supcon`` (the last epoch's mean loss) and ``supcon_seconds``.
     """
-    from features.supcon import SupConConfig, SupConTuner, clusters_from_pairs
+    from features.supcon import SupConConfig, SupConTuner, records_from_pairs
 
-    rows: dict[str, Mapping] = {}
-    for a, b, _ in pairs:
-        for r in (a, b):
-            if r.get("product_id") is None:
-                raise ValueError(f"SupCon fine-tuning needs product_id on every paired row; got {dict(r)!r:.120}")
-            rows[str(r["product_id"])] = r
-    ids = sorted(rows)
-    cluster = clusters_from_pairs(ids, ((str(a["product_id"]), str(b["product_id"]), y) for a, b, y in pairs))
-    index = {pid: i for i, pid in enumerate(ids)}
-    negatives: dict[int, list[int]] = defaultdict(list)
-    for a, b, y in pairs:
-        if not int(y):
-            i, j = index[str(a["product_id"])], index[str(b["product_id"])]
-            negatives[i].append(j)
-            negatives[j].append(i)
+    records, labels, negatives = records_from_pairs(pairs)
     text = model.cfg.text
     sc = SupConConfig(text=text, max_length=text.max_length, epochs=cfg.supcon_epochs,
                       batch_size=max(cfg.batch_size, 8), lr=cfg.tower_lr, temperature=model.cfg.temperature,
                       seed=cfg.seed)  # fmt: skip
     tuner = SupConTuner(sc, tower=model.text_tower)
-    texts = [(rows[i].get("title") or "", rows[i].get("description") or "") for i in ids]
-    result = tuner.fit(texts, [cluster[i] for i in ids], negatives=dict(negatives), log=None)
+    texts = [(r.get("title") or "", r.get("description") or "") for r in records]
+    result = tuner.fit(texts, labels, negatives=negatives, log=None)
     return {"train_supcon": float(result.history[-1]["loss"]), "supcon_seconds": result.seconds}
 
 

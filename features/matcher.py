@@ -557,8 +557,9 @@ class HybridMatcher:
 
     def save(self, folder: str | Path) -> Path:
         """Write the fitted matcher to ``folder``: ``matcher.json`` (config, features kept, threshold, TF-IDF
-        vocabularies, the tower's config) and ``matcher.safetensors`` (the trees as arrays, IDF weights, and the
-        tower's weights only when it is the random ``tiny`` one: a pretrained tower is referenced by name). Nothing
+        vocabularies, the towers' configs) and ``matcher.safetensors`` (the trees as arrays, IDF weights, the
+        SupCon tower's weights when there is one, and the frozen tower's weights only when it is the random ``tiny``
+        one: a pretrained tower is referenced by name). Nothing
         is pickled; ``HybridMatcher.load`` reads it back. A matcher blended with a cross-encoder cannot be saved
         alone (its scores need the cross-encoder's)."""
         from safetensors.numpy import save_file
@@ -604,7 +605,11 @@ class HybridMatcher:
             raise ValueError(f"{folder}: unknown matcher format {meta.get('format')!r}; this code reads format 1")
         arrays = load_file(str(folder / "matcher.safetensors"))
         features = PairFeatures.from_state(meta, arrays)
-        tower_state = {k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("tower.")}
+
+        def part(prefix: str) -> dict[str, np.ndarray]:
+            return {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
+
+        tower_state = {k: torch.from_numpy(v) for k, v in part("tower.").items()}
         if tower_state:
             features.tower.load_state_dict(tower_state)
         if meta.get("supcon") is not None:
@@ -612,15 +617,13 @@ class HybridMatcher:
 
             sc = dict(meta["supcon"])
             tuner = SupConTuner(SupConConfig(**(sc | {"text": TextTowerConfig(**sc["text"])})))
-            state = {k[7:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("supcon.")}
-            tuner.load_state_dict(state)
+            tuner.load_state_dict({k: torch.from_numpy(v) for k, v in part("supcon.").items()})
             features.supcon = tuner.eval().embed
         cfg = dict(meta["config"])
         cfg |= {"features": tuple(cfg["features"]), "blend_grid": tuple(cfg["blend_grid"])}
         out = cls(HybridConfig(**cfg), features=features)
         out.columns = [FEATURES.index(f) for f in meta["columns"]]
-        out.model = TreeEnsemble({k.removeprefix("trees."): v for k, v in arrays.items() if k.startswith("trees.")},
-                                 meta["baseline"])  # fmt: skip
+        out.model = TreeEnsemble(part("trees."), meta["baseline"])
         out.threshold, out.valid_f1 = float(meta["threshold"]), float(meta["valid_f1"])
         return out
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +103,31 @@ def clusters_from_pairs(
                 parent[rb] = ra
     number: dict[Hashable, int] = {}
     return {i: number.setdefault(find(i), len(number)) for i in parent}
+
+
+def records_from_pairs(
+    pairs: Iterable[tuple[Mapping, Mapping, int]],
+) -> tuple[list[Mapping], list[int], dict[int, list[int]]]:
+    """Labelled (row, row, label) pairs as SupCon training data: the distinct rows by ``product_id`` (sorted by
+    it), their cluster numbers (``clusters_from_pairs``), and each record's labelled non-match partners by index
+    (``negatives`` of ``SupConTuner.fit``)."""
+    pairs = list(pairs)
+    rows: dict[str, Mapping] = {}
+    for a, b, _ in pairs:
+        for r in (a, b):
+            if r.get("product_id") is None:
+                raise ValueError(f"SupCon fine-tuning needs product_id on every paired row; got {dict(r)!r:.120}")
+            rows[str(r["product_id"])] = r
+    ids = sorted(rows)
+    cluster = clusters_from_pairs(ids, ((str(a["product_id"]), str(b["product_id"]), y) for a, b, y in pairs))
+    index = {pid: i for i, pid in enumerate(ids)}
+    negatives: dict[int, list[int]] = defaultdict(list)
+    for a, b, y in pairs:
+        if not int(y):
+            i, j = index[str(a["product_id"])], index[str(b["product_id"])]
+            negatives[i].append(j)
+            negatives[j].append(i)
+    return [rows[i] for i in ids], [cluster[i] for i in ids], dict(negatives)
 
 
 def cluster_batches(

@@ -57,22 +57,12 @@ def _fit_supcon(train: list[tuple[dict, dict, int]], valid: list[tuple[dict, dic
                 tiny: bool):  # fmt: skip
     """The text tower fine-tuned with SupCon on the train pairs' clusters (features/supcon.py, after R-SupCon), the
     epoch kept by the valid pairs' cosine pair F1; (tuner, per-epoch history)."""
-    from collections import defaultdict
-
     from features.matcher import serialize
     from features.similarity import threshold_for_f1
-    from features.supcon import SupConConfig, SupConTuner, clusters_from_pairs
+    from features.supcon import SupConConfig, SupConTuner, records_from_pairs
     from features.towers import TextTowerConfig
 
-    rows = {r["product_id"]: r for a, b, _ in train for r in (a, b)}
-    ids = sorted(rows)
-    cluster = clusters_from_pairs(ids, ((a["product_id"], b["product_id"], y) for a, b, y in train))
-    index = {pid: i for i, pid in enumerate(ids)}
-    negatives: dict[int, list[int]] = defaultdict(list)
-    for a, b, y in train:
-        if not y:
-            negatives[index[a["product_id"]]].append(index[b["product_id"]])
-            negatives[index[b["product_id"]]].append(index[a["product_id"]])
+    records, labels, negatives = records_from_pairs(train)
     valid_y = np.array([y for *_, y in valid])
 
     def select(tuner) -> dict[str, float]:
@@ -83,8 +73,7 @@ def _fit_supcon(train: list[tuple[dict, dict, int]], valid: list[tuple[dict, dic
 
     text = TextTowerConfig(max_length=64, tiny=tiny)
     tuner = SupConTuner(SupConConfig(text=text, max_length=64, epochs=epochs, seed=seed, singleton_views=1))
-    fit = tuner.fit([serialize(rows[i]) for i in ids], [cluster[i] for i in ids], negatives=dict(negatives),
-                    select=select, log=None)  # fmt: skip
+    fit = tuner.fit([serialize(r) for r in records], labels, negatives=negatives, select=select, log=None)
     return tuner.eval(), fit.history
 
 

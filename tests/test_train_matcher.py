@@ -110,7 +110,7 @@ def test_train_matcher_then_dedupe_scores_only_changed_pairs(tmp_path, prefect_h
     assert again["pairs_scored"] == 0 and again["pairs_reused"] == len(scored)
     assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == set(found)
     edit = tmp_path / "edit.jsonl"
-    edit.write_text(json.dumps(dict(rows[1], title=rows[1]["title"].split()[0] + " kettle AB-0000-X refurbished")))
+    edit.write_text(json.dumps(dict(rows[1], title=rows[0]["title"].split()[0] + " kettle AB-0000-X refurbished")))
     ingest(str(edit), warehouse_root=wh_root, media=False)
     changed = dedupe(warehouse_root=wh_root, method="chars", k=10, matcher="1")
     now = {(r["a"], r["b"]): r["score"] for r in wh.read("pair_scores").to_pylist()}
