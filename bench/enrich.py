@@ -17,7 +17,10 @@ Variants, each in its own subprocess (so each peak RSS is its own):
   feature cache empty (every image runs through the tower and is stored); on the first ``--cold-torch-n`` products
   (2,000: it is the ablation of ONNX Runtime, a rate, and a full 10k run of it cost 4.5 of ``make bench``'s 90 min);
 - ``cold``: the same with the image tower under ONNX Runtime (``--backend auto``, the default on CPU), cache empty;
-- ``warm``: ``cold`` with the cache it filled: no image is decoded or run again; the text tower in fp32 PyTorch;
+- ``warm``: ``cold`` with the cache it filled: no image is decoded or run again; the text tower in PyTorch with bf16
+  autocast where that measures faster (``--precision auto``), else in fp32 under ONNX Runtime;
+- ``warm_fp32`` / ``warm_fp32_torch``: ``warm`` in fp32 with the text tower under ONNX Runtime / in eager PyTorch (the
+  ablation of ONNX Runtime for the text tower, on the first ``--cold-torch-n`` products);
 - ``warm_int8``: ``warm`` with the text tower int8-quantized under ONNX Runtime (``--precision int8``; its quality
   against fp32 is bench/precision.py's).
 
@@ -47,15 +50,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from flows.enrich import BATCH_ROWS  # noqa: E402
+
 DATA = REPO / "data" / "bench" / "enrich"  # git-ignored
 RESULTS = REPO / "bench" / "results" / "enrich.json"
-FLOW_BATCH = 256  # the enrich flow's default batch_size
+FLOW_BATCH = BATCH_ROWS  # the enrich flow's default batch_size
 # variant -> (image-tower backend, precision override); None keeps --precision
 VARIANTS: dict[str, tuple[str, str | None]] = {
     "naive": ("torch", "fp32"),
     "cold_torch": ("torch", None),
     "cold": ("auto", None),
     "warm": ("auto", None),
+    "warm_fp32": ("auto", "fp32"),
+    "warm_fp32_torch": ("torch", "fp32"),
     "warm_int8": ("auto", "int8"),
 }
 
@@ -180,7 +187,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     meta = {"model_name": "bench", "model_version": args.variant, "run_id": "bench"}
     started = time.perf_counter()
     todo = products_to_predict(wh, args.variant, None, only_changed=False)
-    limit = {"naive": args.naive_n, "cold_torch": args.cold_torch_n}.get(args.variant)
+    limit = {"naive": args.naive_n, "cold_torch": args.cold_torch_n, "warm_fp32": args.cold_torch_n,
+             "warm_fp32_torch": args.cold_torch_n}.get(args.variant)  # fmt: skip
     n = todo.num_rows if limit is None else min(todo.num_rows, limit)
     query_s = time.perf_counter() - started
     n_values, predict_s = 0, 0.0
@@ -207,6 +215,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "predict_products_per_s": round(n / predict_s, 2), "commits": commits.commits,
         "device": str(enricher.device), "autocast": str(enricher.dtype) if args.variant != "naive" else None,
         "backend": enricher.backend if args.variant != "naive" else "torch", "precision": enricher.precision,
+        "text_tower": "onnx" if enricher.text_onnx is not None and args.variant != "naive" else "torch",
         "threads": __import__("torch").get_num_threads(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }  # fmt: skip
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=10_000, help="products (text + one image each)")
     p.add_argument("--naive-n", type=int, default=300, help="products the naive baseline runs on (it is slow)")
-    p.add_argument("--cold-torch-n", type=int, default=2000, help="products the eager-PyTorch cold variant runs on")
+    p.add_argument("--cold-torch-n", type=int, default=2000, help="products the ablations run on")
     preset = p.add_mutually_exclusive_group()
     preset.add_argument("--default", dest="preset", action="store_const", const="default", help="pretrained towers")
     preset.add_argument("--tiny", dest="preset", action="store_const", const="tiny", help="random tiny towers")
@@ -397,14 +406,15 @@ def table(report: dict) -> str:
         f"{report['model_flops']['text_gflop_per_product']} GFLOP text+heads per product "
         f"({report['model_flops']['mean_tokens']} tokens), {report['model_flops']['image_gflop']} GFLOP per image",
         "",
-        "| variant | backend / precision | products | products/s | model products/s | query / predict / write s "
-        "| GFLOP/s | peak RSS MB | cache hits / misses | load avg before |",
+        "| variant | image / text backend / precision | products | products/s | model products/s "
+        "| query / predict / write s | GFLOP/s | peak RSS MB | cache hits / misses | load avg before |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for name, r in report["results"].items():
         cache = f"{r['cache_hits']} / {r['cache_misses']}" if "cache_hits" in r else "—"
         lines.append(
-            f"| {name} | {r.get('backend', 'torch')} / {r.get('precision', '?')} | {r['products']} | "
+            f"| {name} | {r.get('backend', 'torch')} / {r.get('text_tower', '?')} / {r.get('precision', '?')} | "
+            f"{r['products']} | "
             f"{r['products_per_s']} | {r['predict_products_per_s']} | "
             f"{r['query_s']} / {r['predict_s']} / {r['write_s']} | {r['achieved_gflops']} | {r['peak_rss_mb']} | "
             f"{cache} | {' '.join(map(str, r['load_avg_before']))} |"

@@ -28,6 +28,9 @@ WarehouseOpt = Annotated[
         help="Warehouse root (path or s3:// URI); default $ENRICH_WAREHOUSE_ROOT or data/warehouse.",
     ),
 ]
+BatchOpt = Annotated[
+    int, typer.Option(min=1, help="Products per model call (sorted by token length into batches of 64).")
+]
 PrecisionOpt = Annotated[
     str,
     typer.Option(help="fp32 | bf16 | int8 | auto. auto: bf16 where it measures faster; int8: text tower int8 (CPU)."),
@@ -435,7 +438,7 @@ def predict(
     source: Annotated[str | None, typer.Option(help="Only products from this source.")] = None,
     model_version: Annotated[str | None, typer.Option(help="Registered version; default @champion.")] = None,
     all_products: Annotated[bool, typer.Option("--all", help="Re-predict unchanged products too.")] = False,
-    batch_size: int = 256,
+    batch_size: BatchOpt = 1024,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when present).")] = "auto",
     precision: PrecisionOpt = "auto",
     backend: BackendOpt = "auto",
@@ -588,7 +591,7 @@ def nightly(
     dedupe_method: MethodOpt = "encoder",
     k: int = 10,
     threshold: Annotated[float, typer.Option(help="Duplicate threshold when no labelled pairs choose one.")] = 0.9,
-    batch_size: int = 256,
+    batch_size: BatchOpt = 1024,
     commit_rows: Annotated[
         int, typer.Option(min=1, help="Products per Delta commit of predictions / embeddings (or every 30 s).")
     ] = 16384,

@@ -64,7 +64,7 @@ class Embedder:
         if precision not in EMBED_PRECISIONS:
             raise ValueError(f"embedding precision {precision!r} is not one of {EMBED_PRECISIONS}")
         self.method = method
-        self.text_onnx = None  # int8: the text tower's int8 ONNX Runtime export runs in its place
+        self.text_onnx = None  # the text tower's ONNX Runtime export (fp32 or int8) runs in its place
         if method == "chars":
             from features.charngram import CharNgramEmbedder
 
@@ -100,10 +100,13 @@ class Embedder:
             return
         else:
             raise ValueError(f"unknown embedding method {method!r}; use one of {METHODS}")
-        if precision == "int8":
-            from features.onnx_backend import onnx_text_tower
+        from features.onnx_backend import onnx_available, onnx_text_tower
 
-            self.text_onnx = onnx_text_tower(self.tower if method == "text" else self.model.text_tower, int8=True)
+        # the text tower under ONNX Runtime: int8 by request; fp32 whenever it is installed (~2x eager PyTorch on 2
+        # cores, the same vectors to ~1e-6, so the model version's label does not change)
+        if precision == "int8" or onnx_available():
+            tower = self.tower if method == "text" else self.model.text_tower
+            self.text_onnx = onnx_text_tower(tower, int8=precision == "int8")
 
     def __call__(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
         import torch

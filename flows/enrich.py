@@ -29,6 +29,11 @@ from flows import reports, tracking
 from warehouse import schema
 from warehouse.tables import Warehouse
 
+# products handed to one predict / featurize / embed task: the model sorts them by token length into batches of 64,
+# so a larger call pads less (2,000 warm products, 2026-11-23: 47 tokens a product, padded to 55.8 in calls of 256,
+# 49.3 in calls of 1,024; warm 199 -> 239 products/s, peak RSS +230 MB from the calls' visual features)
+BATCH_ROWS = 1024
+
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -270,7 +275,7 @@ def predict_products(
     ref: ModelRef,
     todo: pa.Table,
     *,
-    batch_size: int = 256,
+    batch_size: int = BATCH_ROWS,
     window: int = 1,
     commit_rows: int = 16384,
     commit_seconds: float = 30.0,
@@ -320,7 +325,7 @@ def featurize_batch(ref: ModelRef, batch: pa.Table) -> dict[str, int]:
 
 
 def featurize_products(
-    wh: Warehouse, ref: ModelRef, todo: pa.Table, *, batch_size: int = 256, window: int = 1
+    wh: Warehouse, ref: ModelRef, todo: pa.Table, *, batch_size: int = BATCH_ROWS, window: int = 1
 ) -> dict[str, Any]:
     """Visual features of ``todo``'s images into the warehouse's cache, batch by batch through the task runner;
     an image already there (same sha256, same backbone) is not recomputed. Nothing to do for a text-only model."""
@@ -345,7 +350,7 @@ def enrich(
     model_version: str | None = None,
     source: str | None = None,
     only_changed: bool = True,
-    batch_size: int = 256,
+    batch_size: int = BATCH_ROWS,
     device: str = "auto",
     precision: str = "auto",
     visual_cache: bool = True,

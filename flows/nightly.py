@@ -39,7 +39,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import reports, tracking
 from flows.dedupe import EmbedderRef
-from flows.enrich import ModelRef
+from flows.enrich import BATCH_ROWS, ModelRef
 from warehouse import schema
 from warehouse.tables import Warehouse
 
@@ -327,7 +327,7 @@ def nightly(
     dedupe_method: str = "encoder",
     k: int = 10,
     threshold: float = 0.9,
-    batch_size: int = 256,
+    batch_size: int = BATCH_ROWS,
     commit_rows: int = 16384,
     train_if_missing: bool = False,
     train: dict[str, Any] | None = None,

@@ -245,7 +245,7 @@ def test_int8_text_tower_stays_close_to_fp32(tmp_path, enricher):
     from jave.predict import infer
 
     rows = _rows(_images(tmp_path / "img", 3))
-    enricher.configure(device="cpu", precision="fp32")
+    enricher.configure(device="cpu", precision="fp32", backend="torch")
     assert enricher.text_onnx is None
     feats = enricher.visual_features(rows)
     examples = build_examples(rows, enricher.spec, enricher.tokenizer)
@@ -262,6 +262,29 @@ def test_int8_text_tower_stays_close_to_fp32(tmp_path, enricher):
         assert (a.tag_probs.argmax(-1) == b.tag_probs.argmax(-1)).mean() > 0.9
     assert not np.allclose(fp32[0].tag_probs, int8[0].tag_probs, atol=1e-7)  # the int8 graph really ran
     assert len(enricher.predict_rows(rows)) > 0
+
+
+def test_fp32_text_tower_under_onnx_runtime_gives_the_torch_predictions(tmp_path, enricher):
+    """fp32 on CPU with backend onnx/auto runs the text tower under ONNX Runtime: same predictions as eager PyTorch
+    (to float tolerance), and the torch tower is really bypassed while it predicts."""
+    rows = _rows(_images(tmp_path / "img", 3))
+    torch_preds = enricher.configure(device="cpu", precision="fp32", backend="torch").predict_rows(rows)
+    assert enricher.text_onnx is None
+    calls = []
+    hook = enricher.model.text_tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        enricher.predict_rows(rows)
+        assert calls, "the torch text tower ran under backend torch"
+        calls.clear()
+        enricher.configure(device="cpu", precision="fp32", backend="auto")
+        assert enricher.backend == "onnx" and enricher.text_onnx is not None
+        onnx_preds = enricher.predict_rows(rows)
+        assert not calls, "the torch text tower ran although ONNX Runtime was configured"
+    finally:
+        hook.remove()
+    assert enricher.model.text_tower is not enricher.text_onnx  # swapped back after predicting
+    assert _scores(onnx_preds) == _scores(torch_preds)
+    np.testing.assert_allclose([p["score"] for p in onnx_preds], [p["score"] for p in torch_preds], atol=1e-4)
 
 
 def test_backend_and_int8_are_validated(enricher):
