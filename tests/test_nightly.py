@@ -369,3 +369,48 @@ def test_mlflow_ui_serves_the_nightly_runs(base):
         assert base["summary"]["mlflow_run_id"] in ids
         jave = http_json(f"{url}/api/2.0/mlflow/registered-models/get?name=jave")["registered_model"]
         assert any(a["alias"] == "champion" for a in jave.get("aliases", []))
+
+
+def test_nightly_with_the_pair_matcher_decides_and_rescores_nothing_unchanged(base, tmp_path):
+    """``dedupe_matcher``: the nightly's top-k pairs are decided by ``pair-matcher`` (method ``matcher``, its version
+    in the run's models), scores are kept in ``pair_scores``, and a rerun over an unchanged catalog scores none."""
+    import pyarrow as pa
+
+    from flows.train_matcher import train_matcher
+    from warehouse.tables import Warehouse
+
+    wh_root = str(tmp_path / "wh")
+    shutil.copytree(base["ref_wh"], wh_root)
+    wh = Warehouse(wh_root)
+    # labelled pairs from the reference run: its duplicates as matches, products of other clusters as non-matches
+    dups = [(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()]
+    assert len(dups) >= 6, "the generated catalog should have duplicates for this test"
+    ids = sorted(r["product_id"] for r in wh.read("products", columns=["product_id"]).to_pylist())
+    linked = {x for p in dups for x in p}
+    loners = [i for i in ids if i not in linked]
+    labelled = [(a, b, 1) for a, b in dups] + [(a, loners[i], 0) for i, (a, _) in enumerate(dups)]
+    labelled += [(loners[2 * i + 1], loners[2 * i + 2], 0) for i in range(len(dups))]
+    splits = ["train", "valid", "test"]
+    wh.append("pairs", pa.Table.from_pylist([
+        {"benchmark": "nightly-toy", "split": splits[i % 3], "line": i + 1, "left_id": a, "right_id": b, "label": y}
+        for i, (a, b, y) in enumerate(labelled)
+    ]))  # fmt: skip
+    trained = train_matcher(benchmark="nightly-toy", tower="none", max_iter=20, warehouse_root=wh_root)
+    assert trained["model_version"] == "1"
+
+    wh = Warehouse(str(tmp_path / "nightly-wh"))  # a fresh warehouse: its first nightly dedupes everything
+    s = _run(str(wh.root), base["catalog"], dedupe_matcher="champion")
+    assert s["status"] == "succeeded"
+    run = sorted(wh.read("runs").to_pylist(), key=lambda r: r["started_at"])[-1]
+    assert json.loads(run["models"])["pair-matcher"] == "1"
+    found = wh.read("duplicates").to_pylist()
+    assert found and {r["method"] for r in found} == {"matcher"}
+    assert {r["model_version"].rsplit("+", 1)[1] for r in found} == {"pair-matcher/1"}
+    scored = wh.read("pair_scores").num_rows
+    assert scored >= len(found)
+
+    again = _run(str(wh.root), base["catalog"], dedupe_matcher="champion")  # nothing changed: none is scored again
+    assert again["status"] == "succeeded"
+    assert wh.read("pair_scores").num_rows == scored
+    pairs = sorted((r["a"], r["b"]) for r in wh.read("duplicates").to_pylist())
+    assert pairs == sorted((r["a"], r["b"]) for r in found)
