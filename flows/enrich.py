@@ -31,7 +31,8 @@ from warehouse.tables import Warehouse
 
 # products handed to one predict / featurize / embed task: the model sorts them by token length into batches of 64,
 # so a larger call pads less (2,000 warm products, 2026-11-23: 47 tokens a product, padded to 55.8 in calls of 256,
-# 49.3 in calls of 1,024; warm 199 -> 239 products/s, peak RSS +230 MB from the calls' visual features)
+# 49.3 in calls of 1,024; warm bf16 in interleaved runs 217/233/233 -> 242/251/249 products/s; peak RSS +150-230 MB
+# from the call's visual features, held at once)
 BATCH_ROWS = 1024
 
 

@@ -125,7 +125,7 @@ class JaveEnricher:
             self.text_onnx = onnx_text_tower(self.model.text_tower, int8=True)
         elif self.backend == "onnx" and self.dtype is None:
             # fp32 on CPU: ONNX Runtime runs the text tower ~2x faster than eager PyTorch (MiniLM at 42 tokens,
-            # batch 64, 2 cores: 337-356 vs 162-189 texts/s on both machines measured), same states to ~1e-5.
+            # batch 64, 2 cores of the 2026-11-23 EPYC: 337-356 vs 162-189 texts/s), same states to ~1e-5.
             # Where bf16 autocast measured faster (``auto``), PyTorch bf16 is faster still (521 texts/s on an
             # AVX512-BF16 EPYC) and keeps the tower.
             self.text_onnx = onnx_text_tower(self.model.text_tower, int8=False)

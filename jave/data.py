@@ -334,7 +334,8 @@ def _cached_visuals(
         return mask, {}
     # assembled in numpy: a pure memory copy, where torch's intra-op threads only add barrier overhead (measured
     # 60x slower with 2 threads than 1 on a busy 2-core box)
-    # (float16 features, as the visual store keeps them, are copied as float16 and cast in one vectorised op)
+    # float16 features, as the visual store keeps them, are copied as float16 and cast once per batch by one torch
+    # op (a single vectorised kernel, not the many small ops that comment is about)
     glob0, reg0 = (np.asarray(x) for x in next(iter(hits.values())))
     dtype = np.result_type(glob0.dtype, reg0.dtype, *(np.asarray(x).dtype for gr in hits.values() for x in gr))
     glob = np.zeros((len(examples), m, *glob0.shape), dtype)  # (B, M, Dv)
