@@ -6,7 +6,8 @@ description, a spec table and one 256 px product image each, all distinct), inge
 the ``--preset`` towers (``default``: pretrained all-MiniLM-L6-v2 + ImageNet EfficientNet-Lite0; ``tiny``: random
 hidden-32 towers, for a smoke run) and randomly initialised heads — throughput does not depend on training, and the
 path is the flow's: ``flows.enrich.products_to_predict`` -> ``prepare_enricher`` -> ``JaveEnricher.predict_rows``
-per batch -> ``write_predictions`` into Delta, in the flow's commit groups (``CommitGroups``: 4096 products or 30 s).
+per batch -> ``write_predictions`` into Delta, in the flow's commit groups (``CommitGroups``: ``flows.defaults``'
+``COMMIT_ROWS`` products or ``COMMIT_SECONDS`` of work; until 2026-11-23 this benchmark committed every 4,096).
 
 Variants, each in its own subprocess (so each peak RSS is its own):
 
@@ -50,7 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from flows.enrich import BATCH_ROWS  # noqa: E402
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS  # noqa: E402
 
 DATA = REPO / "data" / "bench" / "enrich"  # git-ignored
 RESULTS = REPO / "bench" / "results" / "enrich.json"
@@ -196,7 +197,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     def write(groups: list[PredictionGroup]) -> None:  # the flow's grouped commits (predict_products)
         write_predictions.fn(wh, PredictionGroup.concat(groups))
 
-    commits = CommitGroups(write)
+    commits = CommitGroups(write, COMMIT_ROWS, COMMIT_SECONDS)
     for start in range(0, n, FLOW_BATCH):
         rows = todo.slice(start, min(FLOW_BATCH, n - start)).to_pylist()
         for r in rows:
@@ -386,6 +387,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": {"n": args.n, "naive_n": min(args.naive_n, args.n), "cold_torch_n": min(args.cold_torch_n, args.n),
                    "preset": args.preset, "device": args.device,
                    "precision": args.precision, "torch_threads": torch.get_num_threads(), "flow_batch": FLOW_BATCH,
+                   "commit_rows": COMMIT_ROWS, "commit_seconds": COMMIT_SECONDS,
                    "model": "random heads on the preset's towers (throughput does not depend on training)"},
         "matmul_gflops": mm,
         "model_flops": flops,

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS
+
 app = typer.Typer(
     help="Multimodal catalog enrichment: ingest, enrich, dedupe.",
     no_args_is_help=True,
@@ -438,7 +440,7 @@ def predict(
     source: Annotated[str | None, typer.Option(help="Only products from this source.")] = None,
     model_version: Annotated[str | None, typer.Option(help="Registered version; default @champion.")] = None,
     all_products: Annotated[bool, typer.Option("--all", help="Re-predict unchanged products too.")] = False,
-    batch_size: BatchOpt = 1024,
+    batch_size: BatchOpt = BATCH_ROWS,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto (cuda when present).")] = "auto",
     precision: PrecisionOpt = "auto",
     backend: BackendOpt = "auto",
@@ -591,10 +593,10 @@ def nightly(
     dedupe_method: MethodOpt = "encoder",
     k: int = 10,
     threshold: Annotated[float, typer.Option(help="Duplicate threshold when no labelled pairs choose one.")] = 0.9,
-    batch_size: BatchOpt = 1024,
+    batch_size: BatchOpt = BATCH_ROWS,
     commit_rows: Annotated[
         int, typer.Option(min=1, help="Products per Delta commit of predictions / embeddings (or every 30 s).")
-    ] = 16384,
+    ] = COMMIT_ROWS,
     train_if_missing: Annotated[bool, typer.Option(help="Train small models when there is no @champion.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
     precision: PrecisionOpt = "auto",

@@ -41,6 +41,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows import reports
+from flows.defaults import COMMIT_ROWS, COMMIT_SECONDS
 from warehouse import schema
 from warehouse.tables import Warehouse
 
@@ -343,8 +344,8 @@ def embed_products(
     vectors: bool = True,
     batch_size: int = 512,
     window: int = 1,
-    commit_rows: int = 16384,
-    commit_seconds: float = 30.0,
+    commit_rows: int = COMMIT_ROWS,
+    commit_seconds: float = COMMIT_SECONDS,
 ) -> tuple[StoredVectors | None, int]:
     """Vectors of every product in ``products`` -> (their ``StoredVectors``, how many were embedded now); with
     ``vectors=False`` only the embedding is done and the first element is None (the stored vectors are not read).

@@ -26,14 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import reports, tracking
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS
 from warehouse import schema
 from warehouse.tables import Warehouse
-
-# products handed to one predict / featurize / embed task: the model sorts them by token length into batches of 64,
-# so a larger call pads less (2,000 warm products, 2026-11-23: 47 tokens a product, padded to 55.8 in calls of 256,
-# 49.3 in calls of 1,024; warm bf16 in interleaved runs 217/233/233 -> 242/251/249 products/s; peak RSS +150-230 MB
-# from the call's visual features, held at once)
-BATCH_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -234,7 +229,9 @@ class CommitGroups:
     it committed and redoes at most ``seconds`` of work (nothing is lost: the uncommitted products are still "to do"
     on the next run)."""
 
-    def __init__(self, write: Callable[[list[Any]], None], rows: int = 4096, seconds: float = 30.0):
+    def __init__(
+        self, write: Callable[[list[Any]], None], rows: int = COMMIT_ROWS, seconds: float = COMMIT_SECONDS
+    ) -> None:
         if rows < 1 or seconds < 0:
             raise ValueError(f"CommitGroups needs rows >= 1 and seconds >= 0 (got rows={rows}, seconds={seconds})")
         self.write, self.rows, self.seconds = write, rows, seconds
@@ -278,8 +275,8 @@ def predict_products(
     *,
     batch_size: int = BATCH_ROWS,
     window: int = 1,
-    commit_rows: int = 16384,
-    commit_seconds: float = 30.0,
+    commit_rows: int = COMMIT_ROWS,
+    commit_seconds: float = COMMIT_SECONDS,
 ) -> dict[str, Any]:
     """Predict ``todo`` batch by batch through the flow's task runner; the flow process writes the results (one
     writer per table: Delta commits from many workers would conflict), grouped into commits of ``commit_rows``

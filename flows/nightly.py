@@ -39,7 +39,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import reports, tracking
 from flows.dedupe import EmbedderRef
-from flows.enrich import BATCH_ROWS, ModelRef
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS
+from flows.enrich import ModelRef
 from warehouse import schema
 from warehouse.tables import Warehouse
 
@@ -229,7 +230,7 @@ def predict_stage(
     since: datetime | None,
     batch_size: int,
     window: int = 1,
-    commit_rows: int = 16384,
+    commit_rows: int = COMMIT_ROWS,
 ) -> dict[str, Any]:
     """Attribute values of the changed products (and of all products when the model version changed)."""
     from flows.enrich import predict_products, products_to_predict
@@ -241,7 +242,7 @@ def predict_stage(
 
 @flow(name="nightly-embed")
 def embed_stage(
-    warehouse_root: str, ref: EmbedderRef, batch_size: int, window: int = 1, commit_rows: int = 16384
+    warehouse_root: str, ref: EmbedderRef, batch_size: int, window: int = 1, commit_rows: int = COMMIT_ROWS
 ) -> dict[str, Any]:
     """Vectors of new and changed products (the others keep theirs)."""
     from flows.dedupe import _products, embed_products
@@ -328,7 +329,7 @@ def nightly(
     k: int = 10,
     threshold: float = 0.9,
     batch_size: int = BATCH_ROWS,
-    commit_rows: int = 16384,
+    commit_rows: int = COMMIT_ROWS,
     train_if_missing: bool = False,
     train: dict[str, Any] | None = None,
     device: str = "auto",
