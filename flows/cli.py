@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.defaults import BATCH_ROWS, COMMIT_ROWS
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS
 
 app = typer.Typer(
     help="Multimodal catalog enrichment: ingest, enrich, dedupe.",
@@ -595,7 +595,11 @@ def nightly(
     threshold: Annotated[float, typer.Option(help="Duplicate threshold when no labelled pairs choose one.")] = 0.9,
     batch_size: BatchOpt = BATCH_ROWS,
     commit_rows: Annotated[
-        int, typer.Option(min=1, help="Products per Delta commit of predictions / embeddings (or every 30 s).")
+        int,
+        typer.Option(
+            min=1,
+            help=f"Products per Delta commit of predictions / embeddings (or every {COMMIT_SECONDS:g} s).",
+        ),
     ] = COMMIT_ROWS,
     train_if_missing: Annotated[bool, typer.Option(help="Train small models when there is no @champion.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "auto",
