@@ -445,6 +445,21 @@ def nightly(
     return summary
 
 
+def _peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``) in MB; ``reset`` then starts a new peak from the current
+    RSS (``/proc/self/clear_refs``), so each stage reports its own. None where /proc does not have it. The reset also
+    lowers what ``getrusage`` reports afterwards: callers that want the process's peak take the max over the stages."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), None)
+        if reset and peak is not None:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    except OSError:
+        return None
+    return None if peak is None else round(peak, 1)
+
+
 def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, source, jave_ref, emb_ref, k,
                 threshold, batch_size, commit_rows, last_ok, task_runner, workers, matcher=None,
                 min_linkage=0.5) -> None:  # fmt: skip
@@ -461,8 +476,11 @@ def _run_stages(wh: Warehouse, rec: RunRecord, *, catalog, fmt, mapping, media, 
             return
         started = time.perf_counter()
         before = _versions(wh, WRITES[name])
+        _peak_rss_mb(reset=True)
         stats = fn() or {}
-        rec.stats[name] = {**stats, "seconds": round(time.perf_counter() - started, 3)}
+        # the flow process's own peak during the stage (Dask workers' memory is theirs, not counted here)
+        peak = {"peak_rss_mb": p} if (p := _peak_rss_mb()) is not None else {}
+        rec.stats[name] = {**stats, "seconds": round(time.perf_counter() - started, 3), **peak}
         after = _versions(wh, WRITES[name])
         rec.tables_written.update({t: [before[t], after[t]] for t in after if after[t] != before[t]})
         rec.stages_done.append(name)
@@ -537,6 +555,7 @@ def _summary(rec: RunRecord, wh: Warehouse) -> dict[str, Any]:
         "ann_recall_at_k": s.get("dedupe", {}).get("ann_recall_at_k"),
         "ann_nprobe": s.get("dedupe", {}).get("ann_nprobe"),
         "seconds": {st: s.get(st, {}).get("seconds") for st in STAGES},
+        "peak_rss_mb": {st: s.get(st, {}).get("peak_rss_mb") for st in STAGES},
         "total_seconds": round((rec.finished_at - rec.started_at).total_seconds(), 2) if rec.finished_at else None,
         "models": rec.models, "tables_read": rec.tables_read, "tables_written": rec.tables_written,
         "mlflow_run_id": rec.mlflow_run_id, "mlflow_url": _mlflow_url(rec.mlflow_run_id), "warehouse": wh.root,
@@ -570,7 +589,8 @@ def _log_mlflow(rec: RunRecord, summary: dict[str, Any]) -> None:
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
-    stage_rows = [{"stage": st, "seconds": s["seconds"].get(st)} for st in STAGES]
+    peaks = s.get("peak_rss_mb") or {}
+    stage_rows = [{"stage": st, "seconds": s["seconds"].get(st), "peak RSS MB": peaks.get(st)} for st in STAGES]
     counts = [
         {"metric": k, "value": s[k]}
         for k in (
@@ -594,7 +614,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"# Nightly run `{s['run_id']}`: {s['status']}\n\n"
         f"Changes since {s['watermark_from'] or 'the beginning'} up to {s['watermark_to']}. Models: {s['models']}. "
         f"MLflow run: [{s['mlflow_run_id']}]({s['mlflow_url']}).\n\n"
-        + reports.markdown_table(counts) + "\n## Durations\n\n" + reports.markdown_table(stage_rows)
+        + reports.markdown_table(counts) + "\n## Durations and peak memory (this process)\n\n"
+        + reports.markdown_table(stage_rows)
         + "\n## Quarantine by reason\n\n" + (reports.markdown_table(reasons) if reasons else "none\n")
         + "\n## Attribute values filled (top 20)\n\n"
         + (reports.markdown_table([{"attribute": a, "values": n} for a, n in attrs]) if attrs else "none\n")

@@ -101,6 +101,9 @@ def test_full_run_fills_every_table_and_is_tracked(base):
     run = mlflow.get_run(s["mlflow_run_id"])
     assert mlflow.get_experiment(run.info.experiment_id).name == "nightly-enrichment"
     assert run.data.metrics["predict.products"] == n and run.data.metrics["embed.embedded"] == n
+    # each stage's own peak memory, in the summary and as an MLflow metric
+    assert all(s["peak_rss_mb"][st] > 50 for st in ("ingest", "featurize", "predict", "embed", "dedupe"))
+    assert run.data.metrics["predict.peak_rss_mb"] == s["peak_rss_mb"]["predict"]
     assert run.data.tags["model.jave"] == s["models"]["jave"]
     assert run.data.tags["read.products"] == str(wh.version("products"))
     assert run.data.tags["wrote.attribute_predictions"] == f"-1->{wh.version('attribute_predictions')}"
@@ -414,3 +417,21 @@ def test_nightly_with_the_pair_matcher_decides_and_rescores_nothing_unchanged(ba
     assert wh.read("pair_scores").num_rows == scored
     pairs = sorted((r["a"], r["b"]) for r in wh.read("duplicates").to_pylist())
     assert pairs == sorted((r["a"], r["b"]) for r in found)
+
+
+def test_stage_peak_memory_is_the_stages_own():
+    """The high-water mark resets per stage: a stage after a large allocation reports its own, smaller peak."""
+    import numpy as np
+
+    from flows.nightly import _peak_rss_mb
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    first = _peak_rss_mb(reset=True)
+    del big
+    _peak_rss_mb(reset=True)
+    quiet = _peak_rss_mb()
+    again = np.ones(200 * 2**20 // 8)
+    loud = _peak_rss_mb()
+    del again
+    assert first - quiet > 300, (first, quiet)
+    assert 150 < loud - quiet < 260, (quiet, loud)
