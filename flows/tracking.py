@@ -42,7 +42,8 @@ def artifact_root(root: str | os.PathLike | None = None) -> str | None:
         return None
     base = Path(root or "mlruns").absolute()
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("sqlite:///"):
-        base = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent
+        # sqlite:///rel/path.db is relative to the working directory (SQLAlchemy), sqlite:////abs/path.db absolute
+        base = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).parent.absolute()
     return (base / "artifacts").as_uri()
 
 

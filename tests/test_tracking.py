@@ -76,3 +76,22 @@ def test_embedded_store_layout(store):
         mlflow.log_text("hello", "a.txt")
     assert run.info.artifact_uri.startswith((store / "artifacts").as_uri())
     assert (store / "artifacts").is_dir()
+
+
+def test_relative_sqlite_uri_keeps_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """``MLFLOW_TRACKING_URI=sqlite:///data/mlflow.db`` (relative to the working directory) is a valid store: runs
+    log, and their artifacts land beside the database (it used to fail: "relative path can't be expressed as a
+    file URI")."""
+    import mlflow
+
+    from flows import tracking
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///data/mlflow.db")
+    tracking.setup("relative-exp")
+    with mlflow.start_run() as run:
+        mlflow.log_text("hello", "a.txt")
+    assert (tmp_path / "data" / "mlflow.db").is_file()
+    assert run.info.artifact_uri.startswith((tmp_path / "data" / "artifacts").as_uri())
+    assert (tmp_path / "data" / "artifacts").is_dir()
