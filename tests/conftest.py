@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+
+def _session_dir(var: str, prefix: str) -> None:
+    """``var`` -> a fresh temporary folder for this test session, removed when it ends (unless the caller set it)."""
+    if not os.environ.get(var):
+        os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[var], ignore_errors=True)
+
+
 # Before anything imports prefect/transformers: offline, quiet, a private Prefect home.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="enrich-prefect-"))
+_session_dir("PREFECT_HOME", "enrich-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("ENRICH_ONNX_CACHE", tempfile.mkdtemp(prefix="enrich-onnx-"))  # exported towers, per session
+_session_dir("ENRICH_ONNX_CACHE", "enrich-onnx-")  # exported towers, per session
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ENRICH_SHARED_DATA", REPO.parent / "shared" / "data"))
