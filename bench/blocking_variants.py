@@ -2,8 +2,9 @@
 
 Reads the SupCon record vectors that ``bench/dedupe_quality.py --cache DIR`` saves (``DIR/wdc_<set>_supcon.npz``),
 so it fine-tunes nothing itself. Every number is on the **valid** matches of the set (the split that chooses
-methods; test is never read here). Candidates per record: 20 (the goal's k). A match counts when either record lists
-the other, as in ``bench/dedupe_quality.py``. Variants:
+methods). The test pairs are read only for their record ids (the candidate pool is every record of every split, as
+in ``bench/dedupe_quality.py``); their labels are never used here. Candidates per record: 20 (the goal's k). A
+match counts when either record lists the other, as in ``bench/dedupe_quality.py``. Variants:
 
 - ``supcon@k`` / ``tfidf@k``: the SupCon cosine or the char (3-5)-gram TF-IDF cosine alone;
 - ``union sA+tB``: the top A by SupCon, then the top B by TF-IDF (A + B = 20; filled from TF-IDF on overlap);
