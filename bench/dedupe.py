@@ -1,4 +1,5 @@
-"""Dedupe speed and recall: top-10 self-join of 100k and 1M synthetic product vectors, exact faiss vs IVF.
+"""Dedupe speed and recall: top-10 self-join of 100k and 1M synthetic product vectors, exact faiss vs IVF; and the
+incremental update of 1% of them.
 
 Data (``synth``): 256-d float32, L2-normalised. N/1000 categories and N/10 products; each product appears as a
 group of 1 + Poisson(9) near-duplicates (mean cosine to the nearest duplicate ≈ 0.97, to the 10th neighbour ≈ 0.87),
@@ -13,6 +14,9 @@ Variants, each in its own subprocess (own peak RSS, ``ru_maxrss``), faiss and BL
 - ``ivf``: ``build_index(kind="ivf")`` (nlist = 4·√N, 4000 at 1M; ``--nprobe`` 16) + ``knn_graph``
   (features/similarity.py: one BLAS product per inverted list), recall@10 against the exact neighbours of the same
   queries, then threshold + ``cluster`` (NMI vs the true groups). "dedupe" = build + top-10 join + cluster.
+- ``update``: the nightly's incremental step (``update_graph``) after 1% of the products changed, its (N, C) product
+  in fp32 and screened in bf16 (``cross_topk``; bf16 only where the CPU has native bf16 kernels): both times, and
+  whether the two graphs are the same (they must be: the screen rescores in fp32 and certifies every list).
 
 Run: ``.venv/bin/python bench/dedupe.py`` (``make bench``); writes bench/results/dedupe.json. Timings on a shared
 machine are noisy: other processes compete for the same 2 cores.
@@ -43,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results" / "dedupe.json"
 K = 10
+DEPTH = 15  # the dedupe flow stores k + k // 2 entries per list, so an update can lose some and stay exact
 DIM = 256
 MATCH_THRESHOLD = 0.92  # between the duplicate (≈0.97) and neighbour (≈0.87) cosines of the synthetic data
 
@@ -100,6 +105,8 @@ def run_variant(variant: str, n: int, exact_queries: int, nprobe: int, workdir: 
             full_join_extrapolated=len(queries) < n,
             recall_at_10=1.0,
         )
+    elif variant == "update":
+        row.update(run_update(x, ids, nprobe))
     else:
         t0 = time.perf_counter()
         index = build_index(x, kind="ivf", nprobe=nprobe)
@@ -131,6 +138,38 @@ def run_variant(variant: str, n: int, exact_queries: int, nprobe: int, workdir: 
         )
     row.update(rss_after_data_mb=rss_data, peak_rss_mb=peak_rss_mb())
     return row
+
+
+def run_update(x: np.ndarray, ids: np.ndarray, nprobe: int) -> dict:
+    """The nightly's incremental graph update: 1% of the products edited (their vectors moved a little), the stored
+    graph (IVF, ``DEPTH`` deep as the dedupe flow keeps it for k = 10) updated by ``update_graph`` with its (N, C)
+    product in fp32 and screened in bf16; both results must be the same exact graph."""
+    from features.runtime import cpu_bf16_speedup, cpu_bf16_supported
+    from features.similarity import build_index, knn_graph, update_graph
+
+    rng = np.random.default_rng(2)
+    changed = np.arange(0, len(x), 100)
+    moved = x[changed] + 0.05 * rng.standard_normal((len(changed), x.shape[1]), dtype=np.float32)
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    t0 = time.perf_counter()
+    graph = knn_graph(ids, x, DEPTH, index=build_index(x, kind="ivf", nprobe=nprobe))
+    out: dict = {"changed": len(changed), "depth": DEPTH, "graph_build_s": time.perf_counter() - t0}
+    screens = ["fp32"] + (["bf16"] if cpu_bf16_supported() else [])
+    graphs = {}
+    for screen in screens:
+        t0 = time.perf_counter()
+        graphs[screen], _ = update_graph(graph, x, ids[changed], moved, k=K, depth=DEPTH, screen=screen)
+        out[f"update_{screen}_s"] = time.perf_counter() - t0
+    if "bf16" in graphs:
+        a, b = graphs["fp32"], graphs["bf16"]
+        both = np.isfinite(a.scores) & np.isfinite(b.scores)
+        out.update(
+            bf16_speedup_matmul=cpu_bf16_speedup(),
+            same_neighbors=float((a.neighbors == b.neighbors).mean()),
+            max_score_diff=float(np.abs(a.scores[both] - b.scores[both]).max()),
+            same_padding=bool((np.isfinite(a.scores) == np.isfinite(b.scores)).all()),
+        )
+    return out
 
 
 def machine() -> dict:
@@ -174,11 +213,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dedupe-bench-") as workdir:
         for n in (int(s) for s in args.sizes.split(",")):
             queries = n if n <= 200_000 else min(n, args.exact_queries_1m)
-            for variant in ("exact", "ivf"):  # exact first: the IVF run reads its neighbours for recall
+            for variant in ("exact", "ivf", "update"):  # exact first: the IVF run reads its neighbours for recall
                 cmd = [sys.executable, __file__, "--nprobe", str(args.nprobe), "--one", variant, str(n), str(queries)]
                 out = subprocess.run([*cmd, workdir], check=True, capture_output=True, text=True)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
+                if variant == "update":
+                    print(f"n={n:>9,} update of {row['changed']:,}: fp32 {row['update_fp32_s']:.1f}s, bf16 screen "
+                          f"{row.get('update_bf16_s', float('nan')):.1f}s, same neighbours "
+                          f"{row.get('same_neighbors')}", flush=True)  # fmt: skip
+                    continue
                 print(
                     f"n={n:>9,} {variant:5s} build {row['build_s']:6.1f}s join {row['join_s']:7.1f}s "
                     f"recall@10 {row['recall_at_10']} rss {row['peak_rss_mb']:.0f} MB",
@@ -190,7 +234,7 @@ def main() -> None:
         f"{'N':>9} | {'variant':7} | {'build s':>7} | {'top-10 join s':>13} | {'cluster s':>9} | "
         f"{'full join s':>11} | {'recall@10':>9} | {'peak RSS MB':>11} | {'NMI':>5}"
     )
-    for r in rows:
+    for r in (r for r in rows if r["variant"] != "update"):
         sampled = r["variant"] == "exact" and r["queries"] < r["n"]
         join = f"{r['join_s']:.1f}" + (f" ({r['queries']} q)" if sampled else "")
         full = f"{r['full_join_s']:.0f}" + ("*" if r.get("full_join_extrapolated") else "")
@@ -200,6 +244,13 @@ def main() -> None:
             f"{r.get('cluster_nmi', float('nan')):>5.3f}"
         )
     print("* extrapolated from the sampled queries. recall@10: IVF top-10 vs exact top-10 of the same queries.")
+    print()
+    print(f"{'N':>9} | {'changed':>7} | {'update fp32 s':>13} | {'update bf16-screened s':>22} | "
+          f"{'same neighbours':>15} | {'max score diff':>14}")  # fmt: skip
+    for r in (r for r in rows if r["variant"] == "update"):
+        print(f"{r['n']:>9,} | {r['changed']:>7,} | {r['update_fp32_s']:>13.1f} | "
+              f"{r.get('update_bf16_s', float('nan')):>22.1f} | {r.get('same_neighbors', float('nan')):>15.6f} | "
+              f"{r.get('max_score_diff', float('nan')):>14.2e}")  # fmt: skip
     print(f"total bench time {total:.0f} s")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     # a partial run (--sizes) replaces its own rows and keeps the others of the last run

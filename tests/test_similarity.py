@@ -305,3 +305,58 @@ def test_cross_topk_equals_brute_force_in_both_directions_across_blocks():
     np.testing.assert_allclose(row_s, want_s, atol=1e-5)
     assert ((row_i >= 0) == np.isfinite(want_s)).all() and (row_i[row_i >= 0] == want_row[row_i >= 0]).mean() > 0.99
     assert 0 < np.isfinite(row_s[:, 0]).sum() < len(x)  # the floor left some rows without candidates
+
+
+def _near_ties(n: int, d: int, seed: int, pull: float = 3.0) -> np.ndarray:
+    """Vectors around one direction (``pull``: its weight; 0 is isotropic): with a strong pull every cosine sits in
+    a narrow band, so many scores are within bf16's error of each other and a list's k-th and (k + extra)-th
+    candidates cannot be told apart in bf16."""
+    rng = np.random.default_rng(seed)
+    return normalize(rng.standard_normal((n, d)) + pull * rng.standard_normal((1, d)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "pull", "passes"),
+    [(0, 3.0, 4), (4, 3.0, 4), (32, 0.0, 2)],  # passes: fp32 reference, bf16, then fp32 redo of rows and of queries
+)
+def test_cross_topk_bf16_screen_returns_the_exact_fp32_result(monkeypatch, extra, pull, passes):
+    import features.similarity as sim
+
+    x = _near_ties(3000, 32, seed=extra, pull=pull)
+    off, c = 2000, 400
+    s = x @ x[off : off + c].T
+    s[off + np.arange(c), np.arange(c)] = -np.inf
+    floor = (np.quantile(s.max(1), 0.5) * np.ones(len(x))).astype(np.float32)
+    scans = []
+    real_scan = sim._cross_scan
+    monkeypatch.setattr(sim, "_cross_scan", lambda *a: scans.append(str(a[7])) or real_scan(*a))
+    kw = dict(self_offset=off, row_floor=floor, block_bytes=4 * c * 97)  # 31 blocks
+    want = cross_topk(x, x[off : off + c], 5, 7, screen="fp32", **kw)
+    got = cross_topk(x, x[off : off + c], 5, 7, screen="bf16", extra=extra, **kw)
+    for w, g in zip(want[::2], got[::2], strict=True):  # scores: exact fp32, -inf in the same places
+        assert (np.isneginf(w) == np.isneginf(g)).all()
+        np.testing.assert_allclose(g[np.isfinite(g)], w[np.isfinite(w)], atol=1e-6)
+    for w, g in zip(want[1::2], got[1::2], strict=True):
+        assert (w == g).mean() > 0.999  # ids: the same up to fp32 score ties
+    assert 0 < np.isfinite(got[0][:, 0]).sum() < len(x)  # the floors left some rows with candidates, not all
+    # near ties: lists the bf16 pass could not certify were searched again in fp32; spread scores: none were
+    assert scans == ["torch.float32", "torch.bfloat16"] + ["torch.float32"] * (passes - 2)
+
+
+def test_update_graph_with_bf16_screen_equals_full_recompute():
+    x = _near_ties(1500, 24, seed=5)
+    ids = np.arange(len(x))
+    old, new = np.arange(1200), np.arange(1200, 1500)
+    graph = knn_graph(ids[old], x[old], k=9)
+    updated, vectors = update_graph(graph, x[old], ids[new], x[new], k=6, depth=9, screen="bf16")
+    full = knn_graph(ids, x, k=9).top(6)
+    ua, ub, us = updated.top(6).pairs()
+    fa, fb, fs = full.pairs()
+    assert pair_set(ua, ub) == pair_set(fa, fb)
+    np.testing.assert_allclose(us, fs, atol=1e-6)
+
+
+def test_cross_topk_rejects_an_unknown_screen():
+    x = normalize(np.random.default_rng(0).standard_normal((10, 4)))
+    with pytest.raises(ValueError, match="screen 'fp16'"):
+        cross_topk(x, x[:2], 2, 2, screen="fp16")
