@@ -360,3 +360,14 @@ def test_cross_topk_rejects_an_unknown_screen():
     x = normalize(np.random.default_rng(0).standard_normal((10, 4)))
     with pytest.raises(ValueError, match="screen 'fp16'"):
         cross_topk(x, x[:2], 2, 2, screen="fp16")
+
+
+def test_cross_topk_bf16_screen_with_one_direction_only():
+    x = _near_ties(600, 16, seed=9, pull=0.0)
+    floor = np.full(len(x), 0.3, np.float32)
+    for kr, kc in ((0, 5), (4, 0)):
+        want = cross_topk(x, x[:50], kr, kc, row_floor=floor, screen="fp32")
+        got = cross_topk(x, x[:50], kr, kc, row_floor=floor, screen="bf16")
+        for w, g in zip(want, got, strict=True):
+            assert w.shape == g.shape
+            np.testing.assert_allclose(np.where(np.isfinite(g), g, 9), np.where(np.isfinite(w), w, 9), atol=1e-6)
