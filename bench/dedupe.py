@@ -164,7 +164,7 @@ def run_update(x: np.ndarray, ids: np.ndarray, nprobe: int) -> dict:
         a, b = graphs["fp32"], graphs["bf16"]
         both = np.isfinite(a.scores) & np.isfinite(b.scores)
         out.update(
-            bf16_speedup_matmul=cpu_bf16_speedup(),
+            bf16_speedup_linear=cpu_bf16_speedup(),  # fp32 / bf16 time of a 384 -> 1536 layer
             same_neighbors=float((a.neighbors == b.neighbors).mean()),
             max_score_diff=float(np.abs(a.scores[both] - b.scores[both]).max()),
             same_padding=bool((np.isfinite(a.scores) == np.isfinite(b.scores)).all()),

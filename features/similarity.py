@@ -416,7 +416,7 @@ def cross_topk(
         screen = "bf16" if big and cpu_bf16_speedup() >= 1.5 else "fp32"
     if screen == "fp32" or not (n and c) or (k_rows and row_floor is None):
         return _cross_scan(x, q, k_rows, k_cols, own, row_floor, block_bytes, torch.float32, 0.0)
-    slack = BF16_SLACK * float(np.sqrt(_max_sq_norm(x) * _max_sq_norm(q)))
+    slack = BF16_SLACK * _max_norm(x) * _max_norm(q)
     floor = np.asarray(row_floor, np.float32)
     kr, kc = min(k_rows, c), min(k_cols, n)
     row_s, row_i, col_s, col_i = _cross_scan(
@@ -498,11 +498,11 @@ def _cross_scan(x, q, k_rows, k_cols, own, row_floor, block_bytes, dtype, slack)
     return row_s, row_i, col_scores, col_ids
 
 
-def _max_sq_norm(a: np.ndarray) -> float:
-    """The largest squared row norm of ``a``."""
+def _max_norm(a: np.ndarray) -> float:
+    """The largest row norm of ``a``."""
     import torch
 
-    return float(torch.linalg.vector_norm(torch.from_numpy(a), dim=1).max()) ** 2 if len(a) else 0.0
+    return float(torch.linalg.vector_norm(torch.from_numpy(a), dim=1).max()) if len(a) else 0.0
 
 
 def _pair_scores(a: np.ndarray, rows: np.ndarray, b: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> np.ndarray:

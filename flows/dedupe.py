@@ -536,8 +536,8 @@ def find_duplicates(
         old_ids = old_graph.ids.tolist()
         changed_ids = np.array([p for p in ids.tolist() if searched_with.get(p) != hashes[p]], dtype=object)
         # one exact (N, C) product costs about as much as an approximate self-join of all N beyond C ≈ N/16
-        # (1M char sketches, scratch timings: 10k x 1M in 68-76 s in fp32, ~36 s screened in bf16; the IVF build +
-        # tune + self-join 394 s)
+        # (1M char sketches, scratch timings: 10k x 1M in 66-76 s in fp32; the IVF build + tune + self-join 394 s;
+        # the bf16 screen roughly halves the product, bench/dedupe.py's update variant)
         if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
             removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
             # vectors are stacked in the graph's order only (one (N, D) copy; update_graph returns the updated one)
