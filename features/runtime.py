@@ -91,6 +91,64 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
+FP32_ATTENTION = "sdpa_fp32"  # the attention implementation `autocast_inference_copy` registers with transformers
+
+
+def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kw):
+    """transformers' SDPA attention with reduced-precision CPU inputs computed in fp32 (outputs cast back)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    dtype = query.dtype
+    if dtype == torch.float32 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kw)
+    return out.to(dtype), weights
+
+
+@functools.cache
+def _register_fp32_attention() -> bool:
+    """Register `FP32_ATTENTION` (attention + mask) with transformers; False where its interfaces are missing."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    AttentionInterface.register(FP32_ATTENTION, _fp32_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return True
+
+
+def autocast_inference_copy(tower: nn.Module, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """An inference copy of a (Hugging Face) text tower for ``dtype`` autocast on ``device``, to run in its place.
+
+    - Its Linear weights and biases are stored in ``dtype``. Autocast would cast them on every call: the outputs
+      are the same bits, without the copies (~3% of a warm bf16 enrichment on 2 cores).
+    - On CPU its SDPA attention computes in fp32 (`FP32_ATTENTION`). At product-title lengths (~50 tokens) the
+      CPU flash kernel is ~1.5x faster in fp32 than in bf16 and more exact (it was 18% of the warm profile).
+
+    The other parameters (embeddings, LayerNorms) are shared with ``tower``, not copied. Inference only: the copy
+    holds frozen weights and is in eval mode; ``tower`` itself is left as it was.
+    """
+    import copy
+
+    linear = {id(p) for m in tower.modules() if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)}
+    shared = {id(p): p for p in tower.parameters() if id(p) not in linear}
+    out = copy.deepcopy(tower, memo=shared)
+    for m in out.modules():
+        if isinstance(m, nn.Linear):
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().to(device=device, dtype=dtype), requires_grad=False))
+    hf = getattr(out, "model", None)
+    config = getattr(hf, "config", None)
+    if (device.type == "cpu" and getattr(config, "_attn_implementation", None) == "sdpa"
+            and hasattr(hf, "set_attn_implementation") and _register_fp32_attention()):  # fmt: skip
+        hf.set_attn_implementation(FP32_ATTENTION)
+    return out.eval()
+
+
 def set_threads(threads: int | None = None) -> int:
     """Intra-op threads = the cores this process may use (or ``threads``); inter-op 1, as the forward is one
     sequential graph. Returns the intra-op count. Safe to call more than once."""

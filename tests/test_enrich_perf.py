@@ -176,6 +176,55 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path, enricher):
         assert (a.tag_probs.argmax(-1) == b.tag_probs.argmax(-1)).mean() > 0.9
 
 
+def test_bf16_inference_copy_matches_autocast_and_runs_in_the_enrichers_place(tmp_path, enricher, monkeypatch):
+    """The bf16 copy of the text tower: Linear weights stored in bf16 (autocast's per-call casts, saved), attention
+    in fp32 on CPU; the tower itself untouched; the enricher runs the copy under precision bf16."""
+    import features.runtime as runtime
+    from features.runtime import FP32_ATTENTION, autocast_inference_copy
+
+    tower = enricher.model.text_tower
+    cpu = torch.device("cpu")
+    copy = autocast_inference_copy(tower, torch.bfloat16, cpu)
+    linear = [m for m in copy.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 and m.bias.dtype == torch.bfloat16 for m in linear)
+    assert all(m.weight.dtype == torch.float32 for m in tower.modules() if isinstance(m, torch.nn.Linear))
+    emb = copy.model.embeddings.word_embeddings.weight
+    assert emb is tower.model.embeddings.word_embeddings.weight  # shared, not copied
+    assert copy.model.config._attn_implementation == FP32_ATTENTION
+    assert tower.model.config._attn_implementation == "sdpa"
+    enc = tower.tokenizer(["red cotton shirt, long sleeves", "mug"], padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = tower(ids, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto, fast = tower(ids, mask).float(), copy(ids, mask).float()
+            short = copy(ids[1:, : int(mask[1].sum())], mask[1:, : int(mask[1].sum())]).float()
+    err_auto, err_fast = (auto - ref)[keep].abs().max(), (fast - ref)[keep].abs().max()
+    assert err_fast <= 1.5 * err_auto + 1e-3, (err_fast, err_auto)  # as close to fp32 as plain autocast
+    torch.testing.assert_close(short[0], fast[1, : short.shape[1]])  # padding does not leak into the states
+    # without the fp32 attention (another implementation), the copy gives autocast's very bits
+    tower.model.set_attn_implementation("eager")
+    try:
+        plain = autocast_inference_copy(tower, torch.bfloat16, cpu)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(plain(ids, mask), tower(ids, mask))
+    finally:
+        tower.model.set_attn_implementation("sdpa")
+
+    monkeypatch.setattr(runtime, "resolve_precision", lambda precision, device: torch.bfloat16)
+    rows = _rows(_images(tmp_path / "img", 3))
+    enricher.configure(device="cpu", precision="bf16")
+    assert enricher.precision == "bf16" and enricher.text_runtime is not None
+    calls = []
+    hook = enricher.text_runtime.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert len(enricher.predict_rows(rows)) > 0 and calls
+    finally:
+        hook.remove()
+    assert enricher.model.text_tower is tower  # swapped back
+
+
 def test_bucketing_returns_predictions_in_input_order(tmp_path, enricher):
     from jave.data import build_examples
     from jave.predict import infer
@@ -246,7 +295,7 @@ def test_int8_text_tower_stays_close_to_fp32(tmp_path, enricher):
 
     rows = _rows(_images(tmp_path / "img", 3))
     enricher.configure(device="cpu", precision="fp32", backend="torch")
-    assert enricher.text_onnx is None
+    assert enricher.text_runtime is None
     feats = enricher.visual_features(rows)
     examples = build_examples(rows, enricher.spec, enricher.tokenizer)
     fp32 = infer(enricher.model, examples, enricher.spec, 4, visual_cache=feats)
@@ -254,9 +303,9 @@ def test_int8_text_tower_stays_close_to_fp32(tmp_path, enricher):
     assert enricher.precision == "int8" and enricher.backend == "onnx"
     from features.onnx_backend import swapped
 
-    with swapped(enricher.model, "text_tower", enricher.text_onnx):  # what predict_rows runs under int8
+    with swapped(enricher.model, "text_tower", enricher.text_runtime):  # what predict_rows runs under int8
         int8 = infer(enricher.model, examples, enricher.spec, 4, visual_cache=feats)
-    assert enricher.model.text_tower is not enricher.text_onnx  # the torch tower is back afterwards
+    assert enricher.model.text_tower is not enricher.text_runtime  # the torch tower is back afterwards
     for a, b in zip(fp32, int8, strict=True):
         np.testing.assert_allclose(a.attr_probs, b.attr_probs, atol=0.05)
         assert (a.tag_probs.argmax(-1) == b.tag_probs.argmax(-1)).mean() > 0.9
@@ -269,7 +318,7 @@ def test_fp32_text_tower_under_onnx_runtime_gives_the_torch_predictions(tmp_path
     (to float tolerance), and the torch tower is really bypassed while it predicts."""
     rows = _rows(_images(tmp_path / "img", 3))
     torch_preds = enricher.configure(device="cpu", precision="fp32", backend="torch").predict_rows(rows)
-    assert enricher.text_onnx is None
+    assert enricher.text_runtime is None
     calls = []
     hook = enricher.model.text_tower.register_forward_hook(lambda *_: calls.append(1))
     try:
@@ -277,12 +326,12 @@ def test_fp32_text_tower_under_onnx_runtime_gives_the_torch_predictions(tmp_path
         assert calls, "the torch text tower ran under backend torch"
         calls.clear()
         enricher.configure(device="cpu", precision="fp32", backend="auto")
-        assert enricher.backend == "onnx" and enricher.text_onnx is not None
+        assert enricher.backend == "onnx" and enricher.text_runtime is not None
         onnx_preds = enricher.predict_rows(rows)
         assert not calls, "the torch text tower ran although ONNX Runtime was configured"
     finally:
         hook.remove()
-    assert enricher.model.text_tower is not enricher.text_onnx  # swapped back after predicting
+    assert enricher.model.text_tower is not enricher.text_runtime  # swapped back after predicting
     assert _scores(onnx_preds) == _scores(torch_preds)
     np.testing.assert_allclose([p["score"] for p in onnx_preds], [p["score"] for p in torch_preds], atol=1e-4)
 
