@@ -1,6 +1,7 @@
-"""bf16 / int8 vs fp32 quality: one registered JAVE version scored on a labelled split three times: plain fp32, under
-bf16 autocast (``enrich --precision bf16``) and with the text tower int8-quantized under ONNX Runtime
-(``enrich --precision int8``), with the wall time of each.
+"""bf16 / int8 vs fp32 quality: one registered JAVE version scored on a labelled split: plain fp32; bf16 as ``enrich
+--precision bf16`` runs it (autocast with the text tower's bf16 inference copy: bf16 weights, fp32 attention);
+``bf16_autocast_only``, plain autocast (the bf16 path before 2026-11-23); and the text tower int8-quantized under ONNX
+Runtime (``enrich --precision int8``), with the wall time of each.
 
     python bench/precision.py --dataset ae-110k --data-path ../shared/data/ae-110k            # jave@champion
     MLFLOW_TRACKING_URI=sqlite:///tmp/q/mlflow.db python bench/precision.py --warehouse /tmp/q/wh --version 1
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from features.onnx_backend import onnx_text_tower, swapped
-    from features.runtime import cpu_bf16_supported
+    from features.runtime import autocast_inference_copy, cpu_bf16_supported
     from flows import tracking
     from flows.datasets import load_labelled
     from flows.enrich import ModelRef, load_enricher, resolve_model
@@ -64,13 +65,21 @@ def main(argv: list[str] | None = None) -> None:
         kw = {"image_loader": load_image, "preprocess": enricher.model.image_tower.preprocess}
     results = {}
     int8_tower = onnx_text_tower(enricher.model.text_tower, int8=True)
+    bf16_tower = autocast_inference_copy(enricher.model.text_tower, torch.bfloat16, torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def bf16():  # what `--precision bf16` runs: autocast, the text tower's bf16 inference copy in its place
+        with torch.autocast("cpu", dtype=torch.bfloat16), swapped(enricher.model, "text_tower", bf16_tower):
+            yield
+
     variants = {
         "fp32": contextlib.nullcontext,
-        "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        "bf16": bf16,
+        "bf16_autocast_only": lambda: torch.autocast("cpu", dtype=torch.bfloat16),  # the bf16 path before 2026-11-23
         "int8": lambda: swapped(enricher.model, "text_tower", int8_tower),
     }
     for name, ctx in variants.items():
-        if name == "bf16" and not cpu_bf16_supported():
+        if name.startswith("bf16") and not cpu_bf16_supported():
             continue
         load = [round(x, 2) for x in os.getloadavg()]
         t = time.perf_counter()
