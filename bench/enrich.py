@@ -7,10 +7,8 @@ the ``--preset`` towers (``default``: pretrained all-MiniLM-L6-v2 + ImageNet Eff
 hidden-32 towers, for a smoke run) and randomly initialised heads — throughput does not depend on training, and the
 path is the flow's: ``flows.enrich.products_to_predict`` -> ``prepare_enricher`` -> ``JaveEnricher.predict_rows``
 per batch -> ``write_predictions`` into Delta, in the flow's commit groups (``CommitGroups``: ``flows.defaults``'
-``COMMIT_ROWS`` products or ``COMMIT_SECONDS`` of work; until 2026-11-23 this benchmark committed every 4,096),
-each group written on a writer thread while the next batches predict, as the flow does since 2026-11-23 (so
-``write_s`` is the writing not hidden behind predicting). ``cpu_ms_per_product`` (all threads' CPU time) is steadier
-than wall time on a shared host.
+``COMMIT_ROWS`` products or ``COMMIT_SECONDS`` of work; until 2026-11-23 this benchmark committed every 4,096).
+``cpu_ms_per_product`` (all threads' CPU time) is steadier than wall time on a shared host.
 
 Variants, each in its own subprocess (so each peak RSS is its own):
 
@@ -201,7 +199,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     def write(groups: list[PredictionGroup]) -> None:  # the flow's grouped commits (predict_products)
         write_predictions.fn(wh, PredictionGroup.concat(groups))
 
-    commits = CommitGroups(write, COMMIT_ROWS, COMMIT_SECONDS, background=True)  # as predict_products
+    commits = CommitGroups(write, COMMIT_ROWS, COMMIT_SECONDS)
     for start in range(0, n, FLOW_BATCH):
         rows = todo.slice(start, min(FLOW_BATCH, n - start)).to_pylist()
         for r in rows:

@@ -10,12 +10,10 @@ does not grow with the table). One writer per warehouse at a time (the nightly h
 
 from __future__ import annotations
 
-import contextvars
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -229,20 +227,10 @@ class CommitGroups:
     which grows over the run), so one commit per 256-row batch made a 100k-product run spend more time committing
     than predicting. Grouping keeps the restart guarantee in a weaker form: a run stopped halfway keeps every group
     it committed and redoes at most ``seconds`` of work (nothing is lost: the uncommitted products are still "to do"
-    on the next run).
-
-    With ``background``, a group is written on one writer thread while the caller goes on with the next batches
-    (at most one write in flight: the next group waits for it, so two groups at most are held in memory). A failed
-    write is raised by the next ``add`` that commits or by ``flush``; ``flush`` returns once everything is written.
-    The writer runs in a copy of the caller's context (Prefect's run context included)."""
+    on the next run)."""
 
     def __init__(
-        self,
-        write: Callable[[list[Any]], None],
-        rows: int = COMMIT_ROWS,
-        seconds: float = COMMIT_SECONDS,
-        *,
-        background: bool = False,
+        self, write: Callable[[list[Any]], None], rows: int = COMMIT_ROWS, seconds: float = COMMIT_SECONDS
     ) -> None:
         if rows < 1 or seconds < 0:
             raise ValueError(f"CommitGroups needs rows >= 1 and seconds >= 0 (got rows={rows}, seconds={seconds})")
@@ -251,48 +239,18 @@ class CommitGroups:
         self.pending_rows = 0
         self.commits = 0
         self._since = time.perf_counter()
-        self.background = background
-        self._pool: ThreadPoolExecutor | None = None
-        self._inflight: Future | None = None
 
     def add(self, item: Any, n_rows: int) -> None:
         self.pending.append(item)
         self.pending_rows += n_rows
         if self.pending_rows >= self.rows or time.perf_counter() - self._since >= self.seconds:
-            self._commit()
-
-    def _commit(self) -> None:
-        if self.pending:
-            self._wait()
-            if not self.background:
-                self.write(self.pending)
-            else:
-                self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="commit")
-                self._inflight = self._pool.submit(contextvars.copy_context().run, self.write, self.pending)
-            self.commits += 1
-        self.pending, self.pending_rows, self._since = [], 0, time.perf_counter()
-
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            fut, self._inflight = self._inflight, None
-            fut.result()
+            self.flush()
 
     def flush(self) -> None:
-        """Commit what is pending and wait until every write is done (the writer thread then ends)."""
-        try:
-            self._commit()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Wait for the write in flight, if any, and end the writer thread; what is pending is not written (for a
-        caller that stops on an error: its uncommitted products stay "to do"). Raises the write's error."""
-        try:
-            self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        if self.pending:
+            self.write(self.pending)
+            self.commits += 1
+        self.pending, self.pending_rows, self._since = [], 0, time.perf_counter()
 
 
 def submit_windowed(fn: Any, items: Iterable[Any], window: int) -> Iterator[tuple[Any, Any]]:
@@ -336,25 +294,21 @@ def predict_products(
     orphans = clear_orphans(wh, todo)
     if orphans:
         logger.warning("deleted the rows of %d products left by a run that stopped before writing their state", orphans)
-    # a group is written on a writer thread while the next batches predict (warm 10k products, 2 cores: +4-7%)
-    commits = CommitGroups(write, commit_rows, commit_seconds, background=True)
+    commits = CommitGroups(write, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
     batches = ((ref, todo.slice(s, batch_size)) for s in range(0, todo.num_rows, batch_size))
-    try:
-        for (_, batch), preds in submit_windowed(predict_batch, batches, window):
-            rows = batch.to_pylist()
-            commits.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
-            for p in preds:
-                if p["accepted"]:
-                    n_acc += 1
-                    attrs[p["attribute"]] = attrs.get(p["attribute"], 0) + 1
-                else:
-                    n_rev += 1
-            done += len(rows)
-            logger.info("predicted %d / %d products", done, todo.num_rows)
-        commits.flush()
-    finally:
-        commits.close()  # on an error, the group in flight still lands before the error propagates
+    for (_, batch), preds in submit_windowed(predict_batch, batches, window):
+        rows = batch.to_pylist()
+        commits.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
+        for p in preds:
+            if p["accepted"]:
+                n_acc += 1
+                attrs[p["attribute"]] = attrs.get(p["attribute"], 0) + 1
+            else:
+                n_rev += 1
+        done += len(rows)
+        logger.info("predicted %d / %d products", done, todo.num_rows)
+    commits.flush()
     return {"products": todo.num_rows, "commits": commits.commits, "values_accepted": n_acc, "values_in_review": n_rev,
             "per_attribute": attrs}  # fmt: skip
 
