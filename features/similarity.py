@@ -535,6 +535,7 @@ def update_graph(
     depth: int | None = None,
     exact_queries: int = 0,
     screen: Literal["auto", "bf16", "fp32"] = "auto",
+    vector_rows: np.ndarray | None = None,
 ) -> tuple[NeighborGraph, np.ndarray]:
     """The graph after adding new products and replacing changed ones, with work proportional to the change.
 
@@ -559,6 +560,8 @@ def update_graph(
         depth: entries kept per list (default: the graph's width); a list searched again gets this many.
         exact_queries: lists searched again exactly, not through ``index``, up to this many (or C, if more).
         screen: the (N, C) product's arithmetic (``cross_topk``): its result is exact either way.
+        vector_rows: when given, ``graph.ids[i]``'s vector is ``vectors[vector_rows[i]]`` (-1: none, allowed only for
+            an id that is replaced or removed), so a caller holding a matrix in another order needs no copy of it.
 
     Returns:
         The updated graph and its (N', D) vectors.
@@ -576,8 +579,19 @@ def update_graph(
     remap[kept] = np.arange(len(kept))
     ids = np.concatenate([graph.ids[kept], new_ids])
     n_old, n = len(kept), len(ids)
+    source = kept
+    if vector_rows is not None:
+        vector_rows = np.asarray(vector_rows, np.int64)
+        if len(vector_rows) != len(graph.ids):
+            raise ValueError(f"vector_rows has {len(vector_rows)} entries but the graph has {len(graph.ids)} ids")
+        source = vector_rows[kept]
+        if (source < 0).any() or (source >= len(old_x)).any():
+            bad = graph.ids[kept[(source < 0) | (source >= len(old_x))][:3]].tolist()
+            raise ValueError(f"products kept in the graph have no vector row (first: {bad}); pass them as new_ids")
+    elif len(old_x) != len(graph.ids):
+        raise ValueError(f"vectors has {len(old_x)} rows but the graph has {len(graph.ids)} ids; pass vector_rows")
     x = np.empty((n, old_x.shape[1]), np.float32)  # one copy (old_x[kept] and a concatenate made two: 8.7 s at 1M)
-    np.take(old_x, kept, axis=0, out=x[:n_old], mode="clip")  # "raise" buffers out
+    np.take(old_x, source, axis=0, out=x[:n_old], mode="clip")  # "raise" buffers out
     x[n_old:] = new_x
     depth, k = min(depth, n - 1), min(k, n - 1)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -283,8 +283,10 @@ class StoredVectors(Mapping[str, np.ndarray]):
     """{product_id: vector} of one embedder version: the stored (N, D) matrix plus the vectors embedded in this run.
     ``stack(ids)`` gathers rows in one copy (a dict of 1M numpy views and ``np.stack`` over it took ~8 s at 1M)."""
 
-    def __init__(self, ids: list[str], matrix: np.ndarray):
-        self._pos = {p: i for i, p in enumerate(ids)}
+    def __init__(self, ids: list[str], matrix: np.ndarray, rows: Sequence[int] | np.ndarray | None = None):
+        """``ids[i]``'s vector is ``matrix[rows[i]]`` (default ``rows[i] = i``): a subset of a read matrix is
+        referenced, not copied."""
+        self._pos = dict(zip(ids, range(len(ids)) if rows is None else np.asarray(rows).tolist(), strict=True))
         self._matrix = matrix
         self._new: dict[str, int] = {}  # product_id -> row of the run's vectors
         self._chunks: list[np.ndarray] = []
@@ -312,6 +314,12 @@ class StoredVectors(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._new) + sum(1 for p in self._pos if p not in self._new)
+
+    def stored_rows(self, ids: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(``stored_matrix``, rows) with ``stored_matrix[rows[i]]`` the vector of ``ids[i]`` read from the table;
+        -1 for an id with no stored vector or one embedded again in this run (its stored vector is stale)."""
+        rows = np.fromiter((-1 if p in self._new else self._pos.get(p, -1) for p in ids), np.int64)
+        return self._matrix, rows
 
     def stack(self, ids: Iterable[str], *, missing: str = "raise") -> np.ndarray:
         """(len(ids), D) float32 in the order of ``ids``; an id with no vector raises, or is a zero row with
@@ -367,18 +375,13 @@ def embed_products(
             stored = None
         else:
             stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
-            old = wh.sql(
-                f"SELECT product_id, content_hash{', vector' if vectors else ''} FROM embeddings WHERE model_name = "
-                f"'{ref.name}' AND model_version = '{ref.version}'"
-            )
-            old_ids, old_hashes = old.column("product_id").to_pylist(), old.column("content_hash").to_pylist()
+            old_ids, old_hashes, stored_matrix = _stored_embeddings(wh, ref, vectors)
             same = [hashes.get(pid) == h for pid, h in zip(old_ids, old_hashes, strict=True)]
             keep = np.flatnonzero(np.array(same, dtype=bool))
             known_ids = [old_ids[i] for i in keep.tolist()]
             if vectors:
-                matrix = _vector_matrix(old.column("vector"))
-                matrix = matrix if len(keep) == len(same) else matrix[keep]
-    known = StoredVectors(known_ids, matrix) if vectors else None
+                matrix = stored_matrix  # all rows read; the stale ones are not referenced
+    known = StoredVectors(known_ids, matrix, keep if len(known_ids) else None) if vectors else None
     have = set(known_ids)
     todo = [i for i, pid in enumerate(hashes) if pid not in have]
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
@@ -419,19 +422,37 @@ def embed_products(
 
 
 def _vector_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<float32> column of equal-length vectors -> (N, D) float32, without a Python object per value."""
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if len(arr) == 0:
+    """A list<float32> column of equal-length vectors -> (N, D) float32, without a Python object per value, filled
+    chunk by chunk (``combine_chunks`` first made a second full copy: +1.4 GB transient at 1M x 384)."""
+    chunks = [c for c in column.chunks if len(c)]
+    if not chunks:
         return np.zeros((0, 0), np.float32)
-    if arr.null_count:
-        raise ValueError(f"{arr.null_count} stored vectors are null; rerun `enrich dedupe --full` to re-embed them")
-    if not isinstance(arr, pa.FixedSizeListArray):
-        lengths = arr.value_lengths().to_numpy(zero_copy_only=False)
-        if (lengths != lengths[0]).any():
-            raise ValueError(
-                f"stored vectors have lengths {sorted(set(lengths.tolist()))}; rerun `enrich dedupe --full`"
-            )
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), -1)
+    nulls = sum(c.null_count for c in chunks)
+    if nulls:
+        raise ValueError(f"{nulls} stored vectors are null; rerun `enrich dedupe --full` to re-embed them")
+    lengths = np.concatenate([c.value_lengths().to_numpy(zero_copy_only=False) for c in chunks])
+    if (lengths != lengths[0]).any():
+        raise ValueError(f"stored vectors have lengths {sorted(set(lengths.tolist()))}; rerun `enrich dedupe --full`")
+    out = np.empty((len(lengths), int(lengths[0])), np.float32)
+    row = 0
+    for c in chunks:
+        out[row : row + len(c)] = c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), -1)
+        row += len(c)
+    return out
+
+
+def _stored_embeddings(wh: Warehouse, ref: EmbedderRef, vectors: bool) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, content hashes, (N, D) float32 vectors) of the rows ``ref`` stored in ``embeddings``; vectors only
+    when ``vectors``. Read by pyarrow with the filter pushed down, not through DuckDB, whose list<float> conversion
+    held +2.2 GB for the 1.5 GB of 1M x 384 vectors (scratch measurement; reading batch by batch into a preallocated
+    matrix measured no lower than this)."""
+    import pyarrow.compute as pc
+
+    this_model = (pc.field("model_name") == ref.name) & (pc.field("model_version") == ref.version)
+    columns = ["product_id", "content_hash", *(["vector"] if vectors else [])]
+    table = wh.table("embeddings").to_pyarrow_dataset().to_table(columns=columns, filter=this_model)
+    matrix = _vector_matrix(table.column("vector")) if vectors else np.zeros((0, 0), np.float32)
+    return table.column("product_id").to_pylist(), table.column("content_hash").to_pylist(), matrix
 
 
 def _stored_graph(wh: Warehouse, label: str):
@@ -540,13 +561,19 @@ def find_duplicates(
         # the bf16 screen roughly halves the product, bench/dedupe.py's update variant)
         if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
             removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
-            # vectors are stacked in the graph's order only (one (N, D) copy; update_graph returns the updated one)
-            old_vec = known.stack(old_ids, missing="zeros")  # a product gone from the catalog: removed below
+            # the graph's vectors are gathered once, inside update_graph, from the stored matrix by row (a stack in
+            # the graph's order first made one more (N, D) copy: +1.5 GB at 1M x 384); a product gone from the
+            # catalog or changed has no row (-1) and leaves the graph
+            stored, rows = known.stored_rows(old_ids)
+            leaving = set(changed_ids.tolist()) | set(removed.tolist())
+            if any(r < 0 and p not in leaving for p, r in zip(old_ids, rows.tolist(), strict=True)):
+                # an unchanged product embedded again in this run (a run stopped before its graph write): the
+                # vectors in the graph's order, one copy
+                stored, rows = known.stack(old_ids, missing="zeros"), None
             new_vec = known.stack(changed_ids.tolist())
-            graph, vectors = update_graph(old_graph, old_vec, changed_ids, new_vec, removed_ids=removed,
-                                          index=index_for, k=k, depth=depth,
+            graph, vectors = update_graph(old_graph, stored, changed_ids, new_vec, removed_ids=removed,
+                                          index=index_for, k=k, depth=depth, vector_rows=rows,
                                           exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
-            del old_vec
             assert set(graph.ids.tolist()) == set(ids.tolist())
             mode = f"incremental ({len(changed_ids)} re-searched)"
     if graph is None:

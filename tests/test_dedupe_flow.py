@@ -160,3 +160,22 @@ def test_stored_vectors_stack_in_order_and_prefer_this_runs_vectors():
     with pytest.raises(KeyError, match=r"1 products have no vector \(first: \['z'\]\)"):
         store.stack(["a", "z"])
     assert store.stack([]).shape == (0, 3)
+
+
+def test_stored_vectors_reference_rows_of_a_read_matrix():
+    import pyarrow as pa
+
+    from flows.dedupe import StoredVectors, _vector_matrix
+
+    read = np.arange(15, dtype=np.float32).reshape(5, 3)  # rows 1 and 3 are stale: not referenced
+    store = StoredVectors(["a", "c", "e"], read, rows=[0, 2, 4])
+    store.add(["c"], np.full((1, 3), -1, np.float32))  # c embedded again in this run
+    np.testing.assert_array_equal(store.stack(["e", "a", "c"]), [[12, 13, 14], [0, 1, 2], [-1, -1, -1]])
+    matrix, rows = store.stored_rows(["e", "a", "c", "z"])
+    assert matrix is read and rows.tolist() == [4, 0, -1, -1]  # c's stored vector is stale; z has none
+    # the vector column is filled chunk by chunk: several chunks give one matrix in order
+    column = pa.chunked_array([pa.array([[1.0, 2.0]], pa.list_(pa.float32())),
+                               pa.array([[3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32()))])  # fmt: skip
+    np.testing.assert_array_equal(_vector_matrix(column), [[1, 2], [3, 4], [5, 6]])
+    with pytest.raises(ValueError, match=r"lengths \[1, 2\]"):
+        _vector_matrix(pa.chunked_array([pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float32()))]))

@@ -371,3 +371,27 @@ def test_cross_topk_bf16_screen_with_one_direction_only():
         for w, g in zip(want, got, strict=True):
             assert w.shape == g.shape
             np.testing.assert_allclose(np.where(np.isfinite(g), g, 9), np.where(np.isfinite(w), w, 9), atol=1e-6)
+
+
+def test_update_graph_gathers_vectors_by_row_as_a_stacked_copy_does():
+    """``vector_rows``: the old vectors in another order (and with rows for products that leave) give the same
+    graph and vectors as the matrix stacked in the graph's order; a kept product without a row is refused."""
+    x = _near_ties(900, 16, seed=3)
+    ids = np.array([f"p{i:04d}" for i in range(len(x))], dtype=object)
+    graph = knn_graph(ids[:800], x[:800], k=8)
+    changed = ids[[5, 17]]
+    new_ids, new_x = np.r_[changed, ids[800:]], np.r_[x[[5, 17]] * 0.5 + 0.1, x[800:]]
+    want, want_x = update_graph(graph, x[:800], new_ids, new_x, removed_ids=ids[[9]], k=5, depth=8)
+    perm = np.random.default_rng(0).permutation(800)  # a stored matrix in its own row order
+    stored = x[:800][perm]
+    rows = np.argsort(perm)  # graph id i -> its row in ``stored``
+    rows[[5, 9]] = -1  # a changed and a removed product: no usable row
+    got, got_x = update_graph(graph, stored, new_ids, new_x, removed_ids=ids[[9]], k=5, depth=8, vector_rows=rows)
+    assert got.ids.tolist() == want.ids.tolist()
+    np.testing.assert_array_equal(got.neighbors, want.neighbors)
+    np.testing.assert_array_equal(got_x, want_x)
+    rows[3] = -1  # an unchanged product kept in the graph must have a row
+    with pytest.raises(ValueError, match=r"no vector row \(first: \['p0003'\]\)"):
+        update_graph(graph, stored, new_ids, new_x, removed_ids=ids[[9]], k=5, depth=8, vector_rows=rows)
+    with pytest.raises(ValueError, match="pass vector_rows"):
+        update_graph(graph, stored[:700], new_ids, new_x, k=5, depth=8)
