@@ -125,9 +125,10 @@ def autocast_inference_copy(tower: nn.Module, dtype: torch.dtype, device: torch.
     """An inference copy of a (Hugging Face) text tower for ``dtype`` autocast on ``device``, to run in its place.
 
     - Its Linear weights and biases are stored in ``dtype``. Autocast would cast them on every call: the outputs
-      are the same bits, without the copies (~3% of a warm bf16 enrichment on 2 cores).
+      are the same bits, without the copies (``aten::copy_`` was 7% of a warm call's torch profile).
     - On CPU its SDPA attention computes in fp32 (`FP32_ATTENTION`). At product-title lengths (~50 tokens) the
-      CPU flash kernel is ~1.5x faster in fp32 than in bf16 and more exact (it was 18% of the warm profile).
+      CPU flash kernel takes 3.2 ms per call in fp32 against 4.7 ms in bf16, and is more exact (it was 20.6% of
+      that profile).
 
     The other parameters (embeddings, LayerNorms) are shared with ``tower``, not copied. Inference only: the copy
     holds frozen weights and is in eval mode; ``tower`` itself is left as it was.
