@@ -369,6 +369,7 @@ def embed_products(
                       strict=True))  # fmt: skip
     known_ids: list[str] = []
     matrix = np.zeros((0, 0), np.float32)
+    known_rows: np.ndarray | None = None  # known_ids[i]'s vector is matrix[known_rows[i]]
     stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: every write merges)
     if wh.exists("embeddings"):
         if full:
@@ -377,11 +378,11 @@ def embed_products(
             stored = wh.sql("SELECT product_id FROM embeddings").column(0).combine_chunks().cast(pa.string())
             old_ids, old_hashes, stored_matrix = _stored_embeddings(wh, ref, vectors)
             same = [hashes.get(pid) == h for pid, h in zip(old_ids, old_hashes, strict=True)]
-            keep = np.flatnonzero(np.array(same, dtype=bool))
-            known_ids = [old_ids[i] for i in keep.tolist()]
+            known_rows = np.flatnonzero(np.array(same, dtype=bool))
+            known_ids = [old_ids[i] for i in known_rows.tolist()]
             if vectors:
                 matrix = stored_matrix  # all rows read; the stale ones are not referenced
-    known = StoredVectors(known_ids, matrix, keep if len(known_ids) else None) if vectors else None
+    known = StoredVectors(known_ids, matrix, known_rows) if vectors else None
     have = set(known_ids)
     todo = [i for i, pid in enumerate(hashes) if pid not in have]
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
@@ -566,7 +567,7 @@ def find_duplicates(
             # catalog or changed has no row (-1) and leaves the graph
             stored, rows = known.stored_rows(old_ids)
             leaving = set(changed_ids.tolist()) | set(removed.tolist())
-            if any(r < 0 and p not in leaving for p, r in zip(old_ids, rows.tolist(), strict=True)):
+            if any(old_ids[i] not in leaving for i in np.flatnonzero(rows < 0).tolist()):
                 # an unchanged product embedded again in this run (a run stopped before its graph write): the
                 # vectors in the graph's order, one copy
                 stored, rows = known.stack(old_ids, missing="zeros"), None

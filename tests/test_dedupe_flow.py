@@ -134,6 +134,13 @@ def test_dedupe_with_char_ngram_sketches_fits_once_and_stays_incremental(tmp_pat
     inc = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8)
     assert inc["model"] == s["model"] and inc["embedded"] == 2 and inc["graph"].startswith("incremental")
     inc_pairs = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
+    # an unchanged product whose stored vector went missing is embedded again; its graph list still holds, and the
+    # update gathers the graph's vectors from both sources (StoredVectors.stack, not the stored rows alone)
+    victim = next(p for p in sorted(graph) if p != rows[0]["sku"])
+    wh.delete_where("embeddings", "product_id", [victim])
+    again = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8)
+    assert again["embedded"] == 1 and again["graph"] == "incremental (0 re-searched)"
+    assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == inc_pairs
     full = dedupe(warehouse_root=wh_root, method="chars", threshold=0.8, full=True)
     assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == inc_pairs and full["model"] == s["model"]
     assert (rows[1]["sku"], "NEW-1") in inc_pairs or ("NEW-1", rows[1]["sku"]) in inc_pairs
