@@ -11,7 +11,8 @@ new product that displaces an old neighbour could not be accounted for. Lists ma
 served (``NeighborGraph.top``): ``update_graph`` scores the new and changed vectors against all (one (N, C) product,
 ``cross_topk``, both directions at once), lets them enter the old lists they beat, and searches again only the lists
 that lost more neighbours than their spare entries; with exact search its top-k pairs equal a full recompute on the
-updated catalog.
+updated catalog. A graph built with IVF keeps its cells (``IvfCells``), and its update scores the changed vectors
+only in those cells: the lists equal a search of the updated catalog in the same cells, at about C/N of its cost.
 
 ``cluster`` is connected components under a size cap: edges are merged strongest first (Kruskal order) and a merge
 that would make a component larger than ``max_cluster_size`` is refused. Components under the cap are exactly the
@@ -212,15 +213,19 @@ class NeighborGraph:
         ids: product ids (N,).
         neighbors: row positions of the neighbours (N, k) int64, best first; -1 where the row was not queried.
         scores: their inner products (N, k) float32, -inf where -1.
+        cells: the IVF partition the lists were searched in (``IvfCells``, row i in ``cells.cell[i]``), or None
+            for exact lists; ``update_graph`` searches the same cells, so an update costs its share of the build.
     """
 
     ids: np.ndarray
     neighbors: np.ndarray
     scores: np.ndarray
+    cells: IvfCells | None = None
 
     def top(self, k: int) -> NeighborGraph:
         """The graph served ``k`` deep: each list's first ``k`` entries (the rest are spares kept for updates)."""
-        return NeighborGraph(ids=self.ids, neighbors=self.neighbors[:, :k], scores=self.scores[:, :k])
+        return NeighborGraph(ids=self.ids, neighbors=self.neighbors[:, :k], scores=self.scores[:, :k],
+                             cells=self.cells)  # fmt: skip
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The undirected pair set (a, b, score), ``a < b`` in id order, each pair once, sorted by (a, b)."""
@@ -264,55 +269,169 @@ def isin_ids(ids: np.ndarray, values: Iterable[Any]) -> np.ndarray:
     return np.fromiter((i in wanted for i in np.asarray(ids).tolist()), dtype=bool, count=len(ids))
 
 
-def _ivf_self_search(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of indexed rows against their own IVF index, one matrix product per inverted list.
+@dataclass(frozen=True)
+class IvfCells:
+    """An inverted-file partition of a graph's rows, searched cell by cell.
 
-    The queries are the indexed vectors, so each one's cell is already known: the members of list l are searched
-    together against the lists of the ``nprobe`` centroids nearest to centroid l, as one (|l|, |probe|) product.
-    That skips the per-query coarse search and replaces faiss's per-vector scan by BLAS (≈3x faster than
-    ``index.search`` at 1M, nprobe 16, 2 busy cores); probing the cell's neighbours rather than the query's own
-    nearest cells is the approximation, measured by recall against exact search.
+    ``centroids`` (L, D) unit vectors; ``cell`` (N,) the cell of each row; ``nprobe``: the rows of a cell are
+    searched against the rows of the ``nprobe`` cells whose centroids are nearest their own centroid (``probe``),
+    one (|cell|, |candidates|) matrix product per cell. Probing the cell's neighbours rather than each query's own
+    nearest cells is the approximation (measured by recall against exact search). A graph keeps its cells
+    (``NeighborGraph.cells``), so ``update_graph`` scores a new vector against the same candidates a full search
+    over these cells would: the cost of an update is its share of the build, not an (N, C) product.
     """
-    import faiss
 
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    members = []
-    for lst in range(ivf.nlist):
-        size = inv.list_size(lst)
-        members.append(faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.zeros(0, np.int64))
-    cell = np.empty(index.ntotal, dtype=np.int64)
-    for lst, m in enumerate(members):
-        cell[m] = lst
-    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-    probe = search(ivf.quantizer, centroids, ivf.nprobe)[1]  # (nlist, nprobe)
-    out_ids = np.full((len(rows), k), -1, dtype=np.int64)
-    out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
-    slot = np.full(index.ntotal, -1, dtype=np.int64)
-    slot[rows] = np.arange(len(rows))
-    order = np.argsort(cell[rows], kind="stable")
-    bounds = np.flatnonzero(np.r_[True, np.diff(cell[rows][order]) != 0, True])
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        q = rows[order[lo:hi]]
-        cand = np.concatenate([members[p] for p in probe[cell[q[0]]] if p >= 0])
-        kk = min(k, len(cand))
-        # one BLAS product + torch.topk per cell (numpy's argpartition over the (Q, C) block took most of the time
-        # once nprobe had to grow: a 1M-product nightly's char n-gram vectors)
-        top_s, top = exact_topk(x[q], x[cand], kk)
-        out_ids[slot[q], :kk] = cand[top]
-        out_scores[slot[q], :kk] = top_s
-    return out_scores, out_ids
+    centroids: np.ndarray
+    cell: np.ndarray
+    nprobe: int
+
+    @staticmethod
+    def from_index(index) -> IvfCells:
+        """The cells of a faiss IVF index (its quantizer's centroids, each stored row's list, its nprobe)."""
+        import faiss
+
+        ivf = faiss.extract_index_ivf(index)
+        inv = ivf.invlists
+        cell = np.full(index.ntotal, -1, dtype=np.int32)
+        for lst in range(ivf.nlist):
+            size = inv.list_size(lst)
+            if size:
+                cell[faiss.rev_swig_ptr(inv.get_ids(lst), size)] = lst
+        return IvfCells(ivf.quantizer.reconstruct_n(0, ivf.nlist), cell, int(ivf.nprobe))
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """The cell of each row of ``x``: its nearest centroid by inner product (as faiss assigns)."""
+        if len(x) == 0:
+            return np.zeros(0, np.int32)
+        return exact_topk(x, self.centroids, 1)[1][:, 0].astype(np.int32)
+
+    def extended(self, keep: np.ndarray, new_vectors: np.ndarray) -> IvfCells:
+        """The cells of rows ``keep`` of this partition followed by ``new_vectors`` (assigned to their cells)."""
+        return IvfCells(self.centroids, np.r_[self.cell[keep], self.assign(new_vectors)].astype(np.int32),
+                        self.nprobe)  # fmt: skip
+
+    def probe(self) -> np.ndarray:
+        """(L, nprobe): each cell's nearest cells by centroid (itself among them), -1 padded."""
+        return exact_topk(self.centroids, self.centroids, min(self.nprobe, len(self.centroids)))[1]
+
+    def members(self) -> list[np.ndarray]:
+        """The rows of each cell, in row order."""
+        order = np.argsort(self.cell, kind="stable")
+        bounds = np.searchsorted(self.cell[order], np.arange(len(self.centroids) + 1))
+        return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def self_search(self, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, row ids) of ``x[rows]`` among the rows of their probed cells, self included (the caller
+        drops it); rows grouped by cell, one BLAS product and ``torch.topk`` per cell (≈3x faster than faiss's
+        ``index.search`` at 1M, nprobe 16, 2 busy cores; numpy's argpartition over the block took most of the time
+        once nprobe had to grow)."""
+        if len(self.cell) != len(x):
+            raise ValueError(f"the cells cover {len(self.cell)} rows but x has {len(x)}")
+        members, probe = self.members(), self.probe()
+        out_ids = np.full((len(rows), k), -1, dtype=np.int64)
+        out_scores = np.full((len(rows), k), -np.inf, dtype=np.float32)
+        slot = np.full(len(x), -1, dtype=np.int64)
+        slot[rows] = np.arange(len(rows))
+        order = np.argsort(self.cell[rows], kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(self.cell[rows][order]) != 0, True])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            q = rows[order[lo:hi]]
+            cand = np.concatenate([members[p] for p in probe[self.cell[q[0]]] if p >= 0])
+            kk = min(k, len(cand))
+            top_s, top = exact_topk(x[q], x[cand], kk)
+            out_ids[slot[q], :kk] = cand[top]
+            out_scores[slot[q], :kk] = top_s
+        return out_scores, out_ids
+
+    def cross(
+        self, x: np.ndarray, n_old: int, depth: int, row_floor: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``cross_topk`` of the new rows ``x[n_old:]`` restricted to these cells (``self.cell`` covers all of
+        ``x``) -> ``(row_scores, row_ids)`` (n_old, depth): each old row's best new rows scoring at least its floor
+        (ids: query index j, row ``n_old + j``), and ``(col_scores, col_ids)`` (C, depth): each new row's list over
+        the rows of ``x`` (itself left out).
+
+        A new row in cell b is scored against the rows of ``probe[b]`` (its own list, as ``self_search`` would) and
+        against the old rows of each cell a with b in ``probe[a]`` (the lists a full search over these cells would
+        have scored it in). Work: one product per cell with any such new row, against that cell's rows alone."""
+        import torch
+
+        n, c = len(x), len(x) - n_old
+        if len(self.cell) != n:
+            raise ValueError(f"the cells cover {len(self.cell)} rows but x has {n}")
+        row_s = np.full((n_old, depth), -np.inf, np.float32)
+        row_i = np.full((n_old, depth), -1, np.int64)
+        col_s = np.full((c, depth), -np.inf, np.float32)
+        col_i = np.full((c, depth), -1, np.int64)
+        if c == 0 or depth == 0:
+            return row_s, row_i, col_s, col_i
+        probe, members = self.probe(), self.members()
+        new_cell = self.cell[n_old:].astype(np.int64)
+        # (query, cell) incidences: forward, cell a in probe[b]; reverse, b in probe[a] (cells sorted by b)
+        fwd = probe[new_cell]
+        fwd_q, fwd_a = np.repeat(np.arange(c), fwd.shape[1]), fwd.ravel()
+        src, dst = np.repeat(np.arange(len(probe)), probe.shape[1]), probe.ravel()
+        by_dst = np.argsort(dst, kind="stable")
+        start = np.searchsorted(dst[by_dst], new_cell, "left")
+        count = np.searchsorted(dst[by_dst], new_cell, "right") - start
+        pos = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count) + np.repeat(start, count)
+        rev_q, rev_a = np.repeat(np.arange(c), count), src[by_dst[pos]]
+        keep = fwd_a >= 0
+        q_all = np.r_[fwd_q[keep], rev_q]
+        a_all = np.r_[fwd_a[keep], rev_a]
+        is_fwd = np.r_[np.ones(int(keep.sum()), bool), np.zeros(len(rev_q), bool)]
+        order = np.lexsort((q_all, a_all))
+        q_all, a_all, is_fwd = q_all[order], a_all[order], is_fwd[order]
+        bounds = np.flatnonzero(np.r_[True, a_all[1:] != a_all[:-1], True])
+        xt = torch.from_numpy(x)
+        floor = np.asarray(row_floor, np.float32)
+        with torch.no_grad():
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                rows = members[a_all[lo]]
+                if len(rows) == 0:
+                    continue
+                qs, first = np.unique(q_all[lo:hi], return_index=True)
+                fwd_here = np.zeros(len(qs), bool)
+                fwd_here[np.searchsorted(qs, q_all[lo:hi][is_fwd[lo:hi]])] = True
+                rev_here = np.zeros(len(qs), bool)
+                rev_here[np.searchsorted(qs, q_all[lo:hi][~is_fwd[lo:hi]])] = True
+                s = xt[n_old + qs] @ xt[rows].T  # (|qs|, |rows|)
+                mine = np.flatnonzero(rows >= n_old)  # new rows of this cell: a query's own row is left out
+                if len(mine):
+                    qq = np.searchsorted(qs, rows[mine] - n_old)
+                    hit = (qq < len(qs)) & (qs[np.minimum(qq, len(qs) - 1)] == rows[mine] - n_old)
+                    s[qq[hit], mine[hit]] = -np.inf
+                f = np.flatnonzero(fwd_here)
+                if len(f):  # merged into each new row's running list
+                    top = torch.topk(s[f], min(depth, len(rows)), dim=1)
+                    qf = qs[f]
+                    ms = np.concatenate([col_s[qf], top.values.numpy()], 1)
+                    mi = np.concatenate([col_i[qf], rows[top.indices.numpy()]], 1)
+                    col_s[qf], col_i[qf] = _best(ms, mi, depth)
+                old = np.flatnonzero(rows < n_old)
+                r = np.flatnonzero(rev_here)
+                if len(old) and len(r):  # each old row is in one cell: its candidates come from this block alone
+                    top = torch.topk(s[r][:, old], min(depth, len(r)), dim=0)
+                    vals, idx = top.values.T.numpy(), qs[r][top.indices.T.numpy()]
+                    ok = vals >= floor[rows[old], None]
+                    row_s[rows[old], : vals.shape[1]] = np.where(ok, vals, -np.inf)
+                    row_i[rows[old], : vals.shape[1]] = np.where(ok, idx, -1)
+        col_i[np.isneginf(col_s)] = -1
+        return row_s, row_i, col_s, col_i
 
 
 def _topk_excluding_self(index, x: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours (len(rows), k) of ``x[rows]`` among the index (exact over ``x`` when None or a flat index: the
-    index holds ``x``), the query's own row dropped."""
+    index holds ``x``; an IVF index or ``IvfCells`` over ``x``: searched cell by cell), the query's own row
+    dropped."""
     import faiss
 
-    if index is None or isinstance(index, faiss.IndexFlat):
+    if isinstance(index, IvfCells):
+        scores, nbrs = index.self_search(x, rows, k + 1)
+    elif index is None or isinstance(index, faiss.IndexFlat):
         scores, nbrs = exact_topk(x[rows], x, k + 1)
     elif faiss.try_extract_index_ivf(index) is not None:
-        scores, nbrs = _ivf_self_search(index, x, rows, k + 1)
+        scores, nbrs = IvfCells.from_index(index).self_search(x, rows, k + 1)
     else:
         scores, nbrs = search(index, x[rows], k + 1)
     is_self = nbrs == rows[:, None]
@@ -335,25 +454,32 @@ def knn_graph(
         ids: product ids (N,), row i of ``vectors`` is product ``ids[i]``.
         vectors: (N, D) L2-normalised float32.
         k: neighbours per product.
-        index: a faiss index holding exactly ``vectors`` in order; when None, exact search (``exact_topk``) up to
-            ``EXACT_MAX`` rows, else the index ``build_index`` picks.
+        index: a faiss index holding exactly ``vectors`` in order, or ``IvfCells`` over them; when None, exact
+            search (``exact_topk``) up to ``EXACT_MAX`` rows, else the index ``build_index`` picks. An IVF index's
+            cells go with the graph (``NeighborGraph.cells``) for ``update_graph``.
         queries_mask: (N,) bool, True for the rows to query (new and changed products); None queries all.
     """
+    import faiss
+
     x = _as_matrix(vectors)
     ids = np.asarray(ids)
     if len(ids) != len(x):
         raise ValueError(f"ids has {len(ids)} entries but vectors has {len(x)} rows; pass one id per row")
     if index is None and len(x) > EXACT_MAX:
         index = build_index(x)
-    if index is not None and index.ntotal != len(x):
-        raise ValueError(f"index holds {index.ntotal} vectors but vectors has {len(x)}; build it from vectors")
+    if not isinstance(index, IvfCells) and index is not None and faiss.try_extract_index_ivf(index) is not None:
+        index = IvfCells.from_index(index)  # once, not per search
+    ntotal = len(index.cell) if isinstance(index, IvfCells) else None if index is None else index.ntotal
+    if ntotal is not None and ntotal != len(x):
+        raise ValueError(f"index holds {ntotal} vectors but vectors has {len(x)}; build it from vectors")
     k = min(k, len(x) - 1)
     neighbors = np.full((len(x), k), -1, dtype=np.int64)
     scores = np.full((len(x), k), -np.inf, dtype=np.float32)
     rows = np.arange(len(x)) if queries_mask is None else np.flatnonzero(queries_mask)
     if len(rows) and k > 0:
         neighbors[rows], scores[rows] = _topk_excluding_self(index, x, rows, k)
-    return NeighborGraph(ids=ids, neighbors=neighbors, scores=scores)
+    cells = index if isinstance(index, IvfCells) else None
+    return NeighborGraph(ids=ids, neighbors=neighbors, scores=scores, cells=cells)
 
 
 def candidate_pairs(
@@ -548,18 +674,24 @@ def update_graph(
     them, else through ``index``. With exact search the top-k lists equal ``knn_graph`` on the updated catalog (up
     to score ties); the cost is one (N, C) product, not a new index over N.
 
+    A graph searched in IVF cells (``graph.cells``, an approximate build) is updated in the same cells: new vectors
+    are assigned to their nearest centroid, the (N, C) product is restricted to the cells a full search over those
+    cells would have scored each pair in (``IvfCells.cross``), and stale lists are searched in them again. The lists
+    then equal ``knn_graph(index=cells)`` on the updated catalog (up to ties; a list whose probed cells hold fewer
+    rows than ``depth`` aside), and the cost is about C/N of the build's, not C/N of an exact self-join.
+
     Args:
-        graph: the current graph, over ``vectors``.
+        graph: the current graph, over ``vectors`` (with its ``cells`` when it was searched in IVF cells).
         vectors: (N, D) the vectors ``graph`` was built from.
         new_ids: ids of new or changed products (C,).
         new_vectors: (C, D) their vectors.
         removed_ids: ids deleted from the catalog, if any.
-        index: for lists searched again: a faiss index over the returned vectors (old kept rows, then new), or a
-            function building one from them; exact search when None.
+        index: for lists searched again (a graph without cells): a faiss index over the returned vectors (old kept
+            rows, then new), or a function building one from them; exact search when None.
         k: entries a list must hold to be served (default: the graph's width, i.e. no spare).
         depth: entries kept per list (default: the graph's width); a list searched again gets this many.
         exact_queries: lists searched again exactly, not through ``index``, up to this many (or C, if more).
-        screen: the (N, C) product's arithmetic (``cross_topk``): its result is exact either way.
+        screen: the exact (N, C) product's arithmetic (``cross_topk``): its result is exact either way.
         vector_rows: when given, ``graph.ids[i]``'s vector is ``vectors[vector_rows[i]]`` (-1: none, allowed only for
             an id that is replaced or removed), so a caller holding a matrix in another order needs no copy of it.
 
@@ -604,10 +736,14 @@ def update_graph(
 
     neighbors = np.full((n, depth), -1, dtype=np.int64)
     all_scores = np.full((n, depth), -np.inf, dtype=np.float32)
+    cells = None if graph.cells is None else graph.cells.extended(kept, new_x)
     if len(new_x) and depth > 0:
         floor = np.r_[cutoff, np.full(len(new_x), np.inf)]  # new rows' own lists come from the columns
-        row_s, row_j, col_s, col_j = cross_topk(x, new_x, depth, depth, self_offset=n_old, row_floor=floor,
-                                                screen=screen)  # fmt: skip
+        if cells is None:
+            row_s, row_j, col_s, col_j = cross_topk(x, new_x, depth, depth, self_offset=n_old, row_floor=floor,
+                                                    screen=screen)  # fmt: skip
+        else:  # the same product restricted to the cells the graph was searched in
+            row_s, row_j, col_s, col_j = cells.cross(x, n_old, depth, cutoff)
         neighbors[n_old:], all_scores[n_old:] = col_j, col_s
         enter = (row_j[:n_old] >= 0) & (row_s[:n_old] >= cutoff[:, None])
         cand_n = np.concatenate([nbrs, np.where(enter, row_j[:n_old] + n_old, -1)], axis=1)
@@ -621,12 +757,14 @@ def update_graph(
 
     stale = np.flatnonzero((neighbors[:n_old] >= 0).sum(1) < k)
     if len(stale) and depth > 0:
-        if len(stale) <= max(len(new_x), exact_queries):
+        if cells is not None:
+            index = cells
+        elif len(stale) <= max(len(new_x), exact_queries):
             index = None
         elif callable(index):  # a factory: the index can only be built once the updated vectors are known
             index = index(x)
         neighbors[stale], all_scores[stale] = _topk_excluding_self(index, x, stale, depth)
-    return NeighborGraph(ids=ids, neighbors=neighbors, scores=all_scores), x
+    return NeighborGraph(ids=ids, neighbors=neighbors, scores=all_scores, cells=cells), x
 
 
 # ------------------------------------------------------------------------------------------------------- threshold

@@ -13,7 +13,10 @@ Per run:
    result stays exact, ``features.similarity.cross_topk``; 1M x 10k: 53.8 -> 30.6 s in ``bench/dedupe.py``). A
    full build (the first run, ``--full``, or more than N/16 changed beyond ``exact_max``) uses exact inner product
    up to ``exact_max`` products (50k); beyond, IVF whose ``nprobe`` is raised until the self-join's recall@k against
-   exact search, measured on a sample, reaches ``target_recall`` (0.99); the recall and nprobe are reported;
+   exact search, measured on a sample, reaches ``target_recall`` (0.99); the recall and nprobe are reported. An IVF
+   graph keeps its cells (``knn_graph.ivf_cell``, the centroids as safetensors under ``_models/ivf-cells/``), and
+   its updates search the changed vectors in those cells (``features.similarity.IvfCells``): the lists equal a
+   search of the updated catalog in the same cells, at about C/N of the build's cost instead of an (N, C) product;
 3. pairs scoring at least the threshold (chosen on labelled validation pairs when the warehouse has them for this
    source, else the given one) -> ``duplicates``; connected components with a cap against giant chained clusters
    -> ``clusters`` (both derived from the graph and rewritten in one commit each).
@@ -456,17 +459,57 @@ def _stored_embeddings(wh: Warehouse, ref: EmbedderRef, vectors: bool) -> tuple[
     return table.column("product_id").to_pylist(), table.column("content_hash").to_pylist(), matrix
 
 
+CELLS_DIR = "_models/ivf-cells"
+
+
+def _save_cells(wh: Warehouse, cells, run_id: str) -> str:
+    """An approximate graph's centroids and nprobe as safetensors under the warehouse -> their path."""
+    from safetensors.numpy import save
+
+    relpath = f"{CELLS_DIR}/{run_id}.safetensors"
+    wh.write_bytes(relpath, save({"centroids": np.ascontiguousarray(cells.centroids, np.float32),
+                                  "nprobe": np.array([cells.nprobe], np.int64)}))  # fmt: skip
+    return relpath
+
+
+def _stored_cells(wh: Warehouse, g: pa.Table):
+    """(``IvfCells``, centroids path) of a stored graph's rows ``g``: the centroids from the file its rows name,
+    each row's cell; (None, None) for an exact graph, a graph written before cells were kept, or a centroids file
+    that is gone (the update is then the exact (N, C) product: right, only slower)."""
+    from safetensors.numpy import load
+
+    from features.similarity import IvfCells
+
+    if "ivf_centroids" not in g.column_names or g.column("ivf_centroids").null_count:
+        return None, None
+    refs = g.column("ivf_centroids").unique().to_pylist()
+    blob = wh.read_bytes(refs[0]) if len(refs) == 1 else None
+    if blob is None:
+        if len(refs) == 1:
+            _logger().warning("the graph's IVF centroids %s are missing: this update searches exactly", refs[0])
+        return None, None
+    state = load(blob)
+    cell = g.column("ivf_cell").to_numpy().astype(np.int32)
+    if cell.min(initial=0) < 0 or cell.max(initial=0) >= len(state["centroids"]):
+        return None, None
+    return IvfCells(state["centroids"], cell, int(state["nprobe"][0])), refs[0]
+
+
 def _stored_graph(wh: Warehouse, label: str):
-    """(graph, {product_id: content hash it was searched with}) of ``label``, or (None, {}) when there is none."""
+    """(graph, {product_id: content hash it was searched with}, centroids path) of ``label``; (None, {}, None) when
+    there is none. The graph carries its IVF cells when it was searched in them."""
     from features.similarity import NeighborGraph
 
     if not wh.exists("knn_graph"):
-        return None, {}
+        return None, {}, None
     import pyarrow.compute as pc
 
-    g = wh.sql(f"SELECT product_id, neighbors, scores, content_hash FROM knn_graph WHERE model_version = '{label}'")
+    names = wh.table("knn_graph").to_pyarrow_dataset().schema.names
+    extra = "".join(f", {c}" for c in ("ivf_cell", "ivf_centroids") if c in names)  # absent before cells were kept
+    g = wh.sql(f"SELECT product_id, neighbors, scores, content_hash{extra} FROM knn_graph "
+               f"WHERE model_version = '{label}'")  # fmt: skip
     if g.num_rows == 0:
-        return None, {}
+        return None, {}, None
     old_ids = g.column("product_id").combine_chunks()
     nbrs = g.column("neighbors").combine_chunks()
     lengths = nbrs.value_lengths().to_numpy(zero_copy_only=False)
@@ -479,9 +522,9 @@ def _stored_graph(wh: Warehouse, label: str):
     nb[row, col] = pos
     sc[row, col] = g.column("scores").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     ids = old_ids.to_pylist()
-    return NeighborGraph(ids=np.array(ids, dtype=object), neighbors=nb, scores=sc), dict(
-        zip(ids, g.column("content_hash").to_pylist(), strict=True)
-    )
+    cells, ref = _stored_cells(wh, g)
+    graph = NeighborGraph(ids=np.array(ids, dtype=object), neighbors=nb, scores=sc, cells=cells)
+    return graph, dict(zip(ids, g.column("content_hash").to_pylist(), strict=True)), ref
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter:
@@ -549,7 +592,7 @@ def find_duplicates(
     depth = k + (max(2, k // 2) if spare is None else spare)
     ann: dict[str, Any] = {"nprobe": None, "recall": None}
     graph, mode = None, "full"
-    old_graph, searched_with = (None, {}) if full else _stored_graph(wh, ref.label)
+    old_graph, searched_with, cells_ref = (None, {}, None) if full else _stored_graph(wh, ref.label)
     if old_graph is not None and old_graph.neighbors.shape[1] < min(k, len(ids) - 1):
         old_graph = None  # a larger k than the stored lists hold: built again at the new depth
     if old_graph is not None:
@@ -557,9 +600,11 @@ def find_duplicates(
         # embedded: a run stopped between the embeddings and the graph write leaves changed vectors behind)
         old_ids = old_graph.ids.tolist()
         changed_ids = np.array([p for p in ids.tolist() if searched_with.get(p) != hashes[p]], dtype=object)
-        # one exact (N, C) product costs about as much as an approximate self-join of all N beyond C ≈ N/16
-        # (1M char sketches, scratch timings: 10k x 1M in 66-76 s in fp32; the IVF build + tune + self-join 394 s;
-        # the bf16 screen roughly halves the product, bench/dedupe.py's update variant)
+        # beyond C ≈ N/16 changed, a new build: one exact (N, C) product costs about as much as an approximate
+        # self-join of all N (1M char sketches, scratch timings: 10k x 1M in 66-76 s in fp32; the IVF build + tune +
+        # self-join 394 s; the bf16 screen roughly halves the product, bench/dedupe.py's update variant). A graph
+        # kept with its IVF cells costs about C/N of its build to update, but its k-means cells were fitted on the
+        # catalog of its build: past N/16 changed, they are fitted again
         if len(ids) <= exact_max or len(changed_ids) <= len(ids) / 16:
             removed = np.array(sorted(set(old_ids) - set(hashes)), dtype=object)
             # the graph's vectors are gathered once, inside update_graph, from the stored matrix by row (a stack in
@@ -576,10 +621,13 @@ def find_duplicates(
                                           index=index_for, k=k, depth=depth, vector_rows=rows,
                                           exact_queries=exact_max**2 // max(len(ids), 1))  # fmt: skip
             assert set(graph.ids.tolist()) == set(ids.tolist())
-            mode = f"incremental ({len(changed_ids)} re-searched)"
+            cells_how = "" if graph.cells is None else f" in {len(graph.cells.centroids)} IVF cells"
+            mode = f"incremental ({len(changed_ids)} re-searched{cells_how})"
+            ann["nprobe"] = None if graph.cells is None else graph.cells.nprobe
     if graph is None:
         vectors = known.stack(ids.tolist())
         graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
+        cells_ref = None if graph.cells is None else _save_cells(wh, graph.cells, run_id)
     gids = graph.ids
     ia, ib, score = graph.top(k).pair_positions()  # the spare entries beyond k only serve later updates
     version, method, scored = ref.label, "cosine", {}
@@ -610,13 +658,16 @@ def find_duplicates(
     clusters = pa.table({"product_id": id_arr, "cluster_id": id_arr.take(pa.array(rep[cl])),
                          "cluster_size": sizes[cl].astype(np.int32), "model_version": pa.repeat(version, len(gids)),
                          "run_id": pa.repeat(run_id, len(gids))})  # fmt: skip
+    cell_col = pa.nulls(len(gids), pa.int32()) if graph.cells is None else pa.array(graph.cells.cell, pa.int32())
     valid = graph.neighbors >= 0  # row-major: each row's neighbours stay in order, best first
     offsets = pa.array(np.r_[0, np.cumsum(valid.sum(1))].astype(np.int32))
     nbr_ids = pa.ListArray.from_arrays(offsets, id_arr.take(pa.array(graph.neighbors[valid])))
     nbr_sc = pa.ListArray.from_arrays(offsets, pa.array(graph.scores[valid], pa.float32()))
     graph_t = pa.table({"product_id": id_arr, "neighbors": nbr_ids, "scores": nbr_sc,
                         "model_version": pa.repeat(version, len(gids)),
-                        "content_hash": pa.array([hashes[p] for p in gids.tolist()], pa.string())})  # fmt: skip
+                        "content_hash": pa.array([hashes[p] for p in gids.tolist()], pa.string()),
+                        "ivf_cell": cell_col,
+                        "ivf_centroids": pa.repeat(pa.scalar(cells_ref, pa.string()), len(gids))})  # fmt: skip
     # graph last: until it is written, the next run sees these products as changed and searches them again
     wh.overwrite("duplicates", dup)
     wh.overwrite("clusters", clusters)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     from features.similarity import knn_graph
     from flows.cli import app
-    from flows.dedupe import dedupe
+    from flows.dedupe import _stored_graph, dedupe
     from flows.ingest import ingest
     from warehouse.sample_catalog import FIELD_MAP, generate
     from warehouse.tables import Warehouse
@@ -71,13 +71,23 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     rows[0]["name"] += " (refurbished)"
     delta.write_text(json.dumps(rows[0]))
     ingest(str(delta), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
-    # the update is one exact product of the changed vector against all: no index is built for it
+    # the IVF build's cells are kept with the graph (each product's cell, the centroids as safetensors): the update
+    # searches the changed vector in those cells, with no index built and no (N, C) product
+    stored = wh.read("knn_graph").to_pylist()
+    assert {r["ivf_centroids"] for r in stored} == {f"_models/ivf-cells/{ivf['run_id']}.safetensors"}
+    assert wh.read_bytes(stored[0]["ivf_centroids"]) and None not in {r["ivf_cell"] for r in stored}
     inc = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", exact_max=50)
-    assert inc["graph"] == "incremental (1 re-searched)" and inc["ann_recall_at_k"] is None
+    assert inc["graph"].startswith("incremental (1 re-searched in ") and inc["ann_recall_at_k"] is None
+    assert {r["ivf_centroids"] for r in wh.read("knn_graph").to_pylist()} == {stored[0]["ivf_centroids"]}
     inc_pairs = {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()}
     emb = [r for r in wh.read("embeddings").to_pylist() if r["model_version"].endswith("+int8")]
-    fa, fb, fs = knn_graph(np.array([r["product_id"] for r in emb]), np.array([r["vector"] for r in emb]), 10).pairs()
-    assert inc_pairs == {(x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9}  # a full exact recompute
+    emb_ids, emb_x = np.array([r["product_id"] for r in emb]), np.array([r["vector"] for r in emb], np.float32)
+    graph, _, _ = _stored_graph(wh, inc["model"])
+    order = np.argsort(emb_ids)[np.searchsorted(emb_ids[np.argsort(emb_ids)], graph.ids.astype(str))]
+    fa, fb, fs = knn_graph(graph.ids, emb_x[order], 15, index=graph.cells).top(10).pairs()
+    assert inc_pairs == {(x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9}  # a search in the cells
+    fa, fb, fs = knn_graph(emb_ids, emb_x, 10).pairs()  # ... which here finds what exact search finds
+    assert inc_pairs == {(x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9}
 
     # lists are stored k + k/2 deep (a list that lost a neighbour to the change may hold fewer, never under k):
     # a smaller k is served from them, a larger one builds the graph again
@@ -186,3 +196,31 @@ def test_stored_vectors_reference_rows_of_a_read_matrix():
     np.testing.assert_array_equal(_vector_matrix(column), [[1, 2], [3, 4], [5, 6]])
     with pytest.raises(ValueError, match=r"lengths \[1, 2\]"):
         _vector_matrix(pa.chunked_array([pa.array([[1.0], [2.0, 3.0]], pa.list_(pa.float32()))]))
+
+
+def test_stored_graph_without_ivf_cells_or_with_its_centroids_gone_updates_exactly(tmp_path):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from features.similarity import IvfCells
+    from flows.dedupe import _save_cells, _stored_graph
+    from warehouse.tables import Warehouse
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    old = pa.table({"product_id": ["a", "b"], "neighbors": [["b"], ["a"]], "scores": [[0.5], [0.5]],
+                    "model_version": ["m/1", "m/1"], "content_hash": ["h1", "h2"]})  # fmt: skip
+    write_deltalake(wh.uri("knn_graph"), old)  # a warehouse written before graphs kept their cells
+    graph, hashes, ref = _stored_graph(wh, "m/1")
+    assert graph.cells is None and ref is None and hashes == {"a": "h1", "b": "h2"}
+    assert graph.neighbors.tolist() == [[1], [0]]
+
+    cells = IvfCells(np.eye(2, 4, dtype=np.float32), np.array([0, 1], np.int32), 1)
+    ref = _save_cells(wh, cells, "run1")
+    wh.overwrite("knn_graph", old.append_column("ivf_cell", pa.array([0, 1], pa.int32())).append_column(
+        "ivf_centroids", pa.array([ref, ref])))  # fmt: skip
+    graph, _, got = _stored_graph(wh, "m/1")
+    assert got == ref and graph.cells.nprobe == 1 and graph.cells.cell.tolist() == [0, 1]
+    np.testing.assert_array_equal(graph.cells.centroids, cells.centroids)
+    (tmp_path / "wh" / ref).unlink()  # the centroids file deleted: the graph is updated exactly
+    graph, _, got = _stored_graph(wh, "m/1")
+    assert graph.cells is None and got is None

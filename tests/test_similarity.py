@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from features.similarity import (
+    IvfCells,
     build_index,
     candidate_pairs,
     cluster,
@@ -171,6 +174,8 @@ def test_incremental_update_through_an_ivf_index_stays_close_to_exact():
         return index
 
     graph = knn_graph(ids[old], x[old], 10, index=ivf(x[old]))
+    assert graph.cells is not None and len(graph.cells.cell) == len(old)
+    graph = dataclasses.replace(graph, cells=None)  # as without its cells: the exact product, then a new index
     # 200 new products: their lists and the old lists' new candidates come from one exact product, no index
     updated, vectors = update_graph(graph, x[old], ids[new], x[new], index=ivf)
     assert built == [len(old)] and len(updated.ids) == len(x)
@@ -184,6 +189,46 @@ def test_incremental_update_through_an_ivf_index_stays_close_to_exact():
     full = knn_graph(shrunk.ids, vectors, 10)
     got, want = pair_set(*shrunk.pairs()[:2]), pair_set(*full.pairs()[:2])
     assert len(got & want) >= 0.97 * len(want)
+
+
+def test_update_in_ivf_cells_equals_a_search_of_the_updated_catalog_in_those_cells(monkeypatch):
+    import features.similarity as sim
+
+    x = categorised(n_cat=40, n_groups=1500, size=8, d=32, seed=6)
+    rng = np.random.default_rng(7)
+    old = np.sort(rng.permutation(len(x))[: len(x) - 300])
+    new = np.setdiff1d(np.arange(len(x)), old)
+    current = {int(i) * 10: x[i] for i in old}  # product id -> its vector now
+    graph = knn_graph(old * 10, x[old], 15, index=build_index(x[old], kind="ivf", nprobe=2))
+    cells = graph.cells
+    assert isinstance(cells, IvfCells) and cells.nprobe == 2 and len(cells.cell) == len(old)
+    # the graph is the cell-by-cell search: knn_graph over its own cells gives the same lists
+    assert (knn_graph(old * 10, x[old], 15, index=cells).neighbors == graph.neighbors).all()
+    monkeypatch.setattr(sim, "cross_topk", None)  # an update in cells never runs the exact (N, C) product
+    for rnd in range(3):  # nightly runs: 2% moved, 1% deleted, 100 new; the last run deletes a quarter
+        vectors = np.stack([current[p] for p in graph.ids.tolist()])
+        changed = rng.choice(graph.ids, len(graph.ids) // 50, replace=False)
+        others = np.setdiff1d(graph.ids, changed)
+        removed = rng.choice(others, len(others) // (4 if rnd == 2 else 100), replace=False)
+        moved = normalize(
+            np.stack([current[p] for p in changed.tolist()]) + 0.1 * rng.standard_normal((len(changed), 32))
+        )
+        fresh = new[rnd * 100 : (rnd + 1) * 100]
+        graph, vectors = update_graph(graph, vectors, np.r_[changed, fresh * 10], np.r_[moved, x[fresh]],
+                                      removed_ids=removed, k=10, depth=15)  # fmt: skip
+        current.update(zip(np.r_[changed, fresh * 10].tolist(), np.r_[moved, x[fresh]], strict=True))
+        for p in removed.tolist():
+            del current[p]
+        assert sorted(graph.ids.tolist()) == sorted(current)
+        assert len(graph.cells.cell) == len(graph.ids) == len(vectors)
+        assert (graph.cells.cell[-len(fresh) :] == graph.cells.assign(x[fresh])).all()  # new rows: nearest centroid
+        want = knn_graph(graph.ids, vectors, 15, index=graph.cells).top(10)
+        got = graph.top(10)
+        assert pair_set(*got.pairs()[:2]) == pair_set(*want.pairs()[:2])
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+    # the cells are an approximation (2 of 300 probed): recall against exact search is well below 1
+    exact = knn_graph(graph.ids, vectors, 10)
+    assert 0.75 < recall_at_k(got.neighbors, exact.neighbors, got.scores, exact.scores) < 0.95
 
 
 def test_spare_entries_keep_lists_exact_and_the_work_proportional_to_the_change(monkeypatch):

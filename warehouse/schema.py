@@ -177,6 +177,11 @@ KNN_GRAPH = pa.schema(
         # the content whose vector this list was searched with: a product whose embedding changed since (e.g. a
         # run killed between the embeddings write and the graph write) is searched again
         pa.field("content_hash", pa.string()),
+        # an approximate graph's IVF partition (features.similarity.IvfCells): the product's cell, and the
+        # warehouse path of the centroids (safetensors), so an update searches the cells the build searched;
+        # null for an exact graph
+        pa.field("ivf_cell", pa.int32()),
+        pa.field("ivf_centroids", pa.string()),
     ]
 )
 DUPLICATES = pa.schema(
