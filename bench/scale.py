@@ -10,10 +10,14 @@ each in its own process (its own peak RSS, ``ru_maxrss``; ``--dedupe-method text
    Prefect, the run record, the change queries, the graph load);
 3. ``one``: one title edited: the fixed overhead of a run that has work to do (both models load, the graph is
    searched again);
-4. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each stage redoes only those products.
+4. ``tenth`` (only when asked for in ``--runs``): a tenth of ``--changed`` edited (0.1%): already enough to touch
+   every file of the prediction tables, so with ``changed`` it separates what a run pays per changed product from
+   what it pays per table (a replaceWhere rewrites each file that holds a changed product's rows);
+5. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each stage redoes only those products.
 
 The claim to check (``check`` in the JSON): ``changed`` ≈ base + ``--changed`` x (``full`` - base), i.e. the changed
-rows cost their share of the full run's work on top of the fixed overhead, with base = ``noop`` and base = ``one``.
+rows cost their share of the full run's work on top of the fixed overhead, with base = ``noop`` and base = ``one``;
+with ``tenth``, also through the line cost = F + c x changed that joins ``tenth`` and ``changed``.
 
 Products: ``warehouse.sample_catalog``'s generator (title, description, spec table, labels); one rendered image each
 for N <= ``--images-up-to``; text-only above it, where JAVE's text tower and the embedder run int8 under ONNX Runtime
@@ -74,10 +78,10 @@ def catalog(n: int, images: bool) -> Path:
     return path
 
 
-def changed_catalog(path: Path, share: float) -> tuple[Path, int]:
+def changed_catalog(path: Path, share: float, suffix: str = " (2025 edition)") -> tuple[Path, int]:
     """``path`` with every ``1/share``-th title edited (the images stay: same files, same sha256)."""
     every = max(1, round(1 / share))
-    return _edited(path, f"catalog-changed-{share:g}.jsonl", lambda i: i % every == 0, " (2025 edition)")
+    return _edited(path, f"catalog-changed-{share:g}.jsonl", lambda i: i % every == 0, suffix)
 
 
 def one_changed_catalog(path: Path) -> tuple[Path, int]:
@@ -184,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embed-precision", default="fp32", help="dedupe embedder precision for sizes with images")
     p.add_argument("--int8-text-only", action=argparse.BooleanOptionalAction, default=True,
                    help="text-only sizes run JAVE and the embedder in int8 (the fast path)")  # fmt: skip
-    p.add_argument("--runs", default="full,noop,one,changed", help="which runs after the full one (noop, one, changed)")
+    p.add_argument(
+        "--runs",
+        default="full,noop,one,changed",
+        help="which runs after the full one (noop, one, tenth: a tenth of --changed, changed)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--step", choices=("nightly", "train"), help=argparse.SUPPRESS)
     p.add_argument("--warehouse", help=argparse.SUPPRESS)
@@ -224,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
             runs["noop"] = step(args, "nightly", wh, path, images, "noop")
         if "one" in wanted:
             runs["one"] = step(args, "nightly", wh, one_changed_catalog(path)[0], images, "one")
+        if "tenth" in wanted:  # a tenth of the change (its own edit, so the changed run edits these again)
+            runs["tenth"] = step(args, "nightly", wh, changed_catalog(path, args.changed / 10, " (tenth)")[0], images,
+                                 "tenth")  # fmt: skip
         changed_path, n_changed = changed_catalog(path, args.changed)
         if "changed" in wanted:
             runs["changed"] = step(args, "nightly", wh, changed_path, images, "changed")
@@ -251,6 +262,15 @@ def _check(runs: dict, share: float) -> dict:
                 "changed_s": changed, "changed_work_s": round(changed - fixed, 2),
                 "changed_work_share_of_full": round((changed - fixed) / max(full - fixed, 1e-9), 4),
             }  # fmt: skip
+        if "tenth" in runs and "changed" in runs:
+            # cost = F + c x changed, through the tenth and the changed run: F is the fixed overhead of a run whose
+            # change touches every file (a replaceWhere rewrites each file holding a changed product's rows)
+            tenth, changed, full = (runs[r][key] for r in ("tenth", "changed", "full"))
+            fixed = tenth - (changed - tenth) / 9
+            out[f"{key} through tenth"] = {
+                "fixed_overhead_s": round(fixed, 2), "changed_s": changed, "changed_work_s": round(changed - fixed, 2),
+                "changed_work_share_of_full": round((changed - fixed) / max(full - fixed, 1e-9), 4),
+            }  # fmt: skip
     return out
 
 
@@ -274,7 +294,8 @@ def table(report: dict) -> str:
     for n, r in sorted(report["sizes"].items(), key=lambda kv: int(kv[0])):
         for run, out in r["runs"].items():
             st = out["stages_s"]
-            label = {"changed": f"changed ({r['changed_products']})", "one": "one changed"}.get(run, run)
+            label = {"changed": f"changed ({r['changed_products']})", "one": "one changed",
+                     "tenth": f"tenth ({r['changed_products'] // 10})"}.get(run, run)  # fmt: skip
             cells = " | ".join("—" if st.get(k) is None else f"{st[k]:.1f}" for k in STAGES)
             lines.append(f"| {n} | {label} | {cells} | {out['flow_s']:.1f} | {out['process_s']:.1f} | "
                          f"{out['peak_rss_mb']:.0f} |")  # fmt: skip

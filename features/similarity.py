@@ -856,11 +856,12 @@ def cluster(
     parent = np.arange(n)
     size = np.ones(n, dtype=np.int64)
     members: dict[int, list[int]] = {}  # root -> its members, kept only for clusters of 2+ (min_linkage)
-    adjacent: dict[int, set[int]] = {}
-    if min_linkage > 0:
-        for i, j in zip(ia.tolist(), ib.tolist(), strict=True):
-            adjacent.setdefault(i, set()).add(j)
-            adjacent.setdefault(j, set()).add(i)
+    if min_linkage > 0:  # each product's matches as CSR arrays (a dict of sets held 1.4 GB for 4.7M pairs at 1M)
+        src = np.concatenate([ia, ib])
+        by_src = np.argsort(src, kind="stable")
+        adjacent = np.concatenate([ib, ia])[by_src].astype(np.int32 if n < 2**31 else np.int64)
+        start = np.searchsorted(src[by_src], np.arange(n + 1))
+        del src, by_src
 
     def linked(ri: int, rj: int) -> bool:
         """Enough matched pairs between the clusters of roots ``ri`` and ``rj`` (the edge at hand is one)."""
@@ -869,7 +870,8 @@ def cluster(
             return True
         small, big = (ri, rj) if size[ri] <= size[rj] else (rj, ri)
         big_set = set(members.get(big, [big]))
-        return sum(len(adjacent[m] & big_set) for m in members.get(small, [small])) >= need
+        return sum(len(big_set.intersection(adjacent[start[m] : start[m + 1]].tolist()))
+                   for m in members.get(small, [small])) >= need  # fmt: skip
 
     def find(i: int) -> int:
         root = i

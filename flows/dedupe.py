@@ -284,24 +284,36 @@ def _threshold(wh: Warehouse, source: str | None, ids: np.ndarray, vectors: np.n
 
 class StoredVectors(Mapping[str, np.ndarray]):
     """{product_id: vector} of one embedder version: the stored (N, D) matrix plus the vectors embedded in this run.
-    ``stack(ids)`` gathers rows in one copy (a dict of 1M numpy views and ``np.stack`` over it took ~8 s at 1M)."""
+    ``stack(ids)`` gathers rows in one copy (a dict of 1M numpy views and ``np.stack`` over it took ~8 s at 1M), or
+    none when ``ids`` are exactly this run's vectors in the order they were added (a full run)."""
 
-    def __init__(self, ids: list[str], matrix: np.ndarray, rows: Sequence[int] | np.ndarray | None = None):
+    def __init__(
+        self, ids: list[str], matrix: np.ndarray, rows: Sequence[int] | np.ndarray | None = None, capacity: int = 0
+    ):
         """``ids[i]``'s vector is ``matrix[rows[i]]`` (default ``rows[i] = i``): a subset of a read matrix is
-        referenced, not copied."""
+        referenced, not copied. ``capacity``: how many vectors this run will ``add`` (they go into one matrix of
+        that size, so no list of batches is concatenated later: a second copy of them all)."""
         self._pos = dict(zip(ids, range(len(ids)) if rows is None else np.asarray(rows).tolist(), strict=True))
         self._matrix = matrix
         self._new: dict[str, int] = {}  # product_id -> row of the run's vectors
-        self._chunks: list[np.ndarray] = []
+        self._capacity = capacity
+        self._added = np.zeros((0, 0), np.float32)  # the run's vectors in rows [0, self._n)
+        self._n = 0
 
     def add(self, ids: list[str], vectors: np.ndarray) -> None:
-        base = sum(len(c) for c in self._chunks)
-        self._chunks.append(np.asarray(vectors, np.float32))
-        self._new.update({p: base + i for i, p in enumerate(ids)})
+        v = np.asarray(vectors, np.float32)
+        if self._n + len(v) > len(self._added):  # beyond the capacity: grow by doubling
+            grown = np.empty((max(self._capacity, self._n + len(v), 2 * len(self._added)), v.shape[1]), np.float32)
+            if self._n:
+                grown[: self._n] = self._added[: self._n]
+            self._added = grown
+        self._added[self._n : self._n + len(v)] = v
+        self._new.update({p: self._n + i for i, p in enumerate(ids)})
+        self._n += len(v)
 
     @property
     def dim(self) -> int:
-        return self._matrix.shape[1] if len(self._matrix) else (self._chunks[0].shape[1] if self._chunks else 0)
+        return self._matrix.shape[1] if len(self._matrix) else (self._added.shape[1] if self._n else 0)
 
     def __getitem__(self, pid: str) -> np.ndarray:
         if pid in self._new:
@@ -328,13 +340,13 @@ class StoredVectors(Mapping[str, np.ndarray]):
         """(len(ids), D) float32 in the order of ``ids``; an id with no vector raises, or is a zero row with
         ``missing="zeros"``."""
         ids = list(ids)
-        out = np.zeros((len(ids), self.dim), np.float32)
-        if len(self._chunks) > 1:
-            self._chunks = [np.concatenate(self._chunks)]
         new_rows = np.fromiter((self._new.get(p, -1) for p in ids), np.int64, len(ids))
+        if self._n and len(ids) == self._n and (new_rows == np.arange(self._n)).all():
+            return self._added[: self._n]  # this run's vectors, in order: no copy
+        out = np.zeros((len(ids), self.dim), np.float32)
         old_rows = np.fromiter((self._pos.get(p, -1) for p in ids), np.int64, len(ids))
         old_rows[new_rows >= 0] = -1  # embedded again in this run: the new vector
-        for rows, src in ((old_rows, self._matrix), (new_rows, self._chunks[0] if self._chunks else None)):
+        for rows, src in ((old_rows, self._matrix), (new_rows, self._added)):
             hit = rows >= 0
             if len(ids) and hit.all():
                 np.take(src, rows, axis=0, out=out, mode="clip")  # one copy ("raise" would buffer ``out``)
@@ -385,9 +397,9 @@ def embed_products(
             known_ids = [old_ids[i] for i in known_rows.tolist()]
             if vectors:
                 matrix = stored_matrix  # all rows read; the stale ones are not referenced
-    known = StoredVectors(known_ids, matrix, known_rows) if vectors else None
     have = set(known_ids)
     todo = [i for i, pid in enumerate(hashes) if pid not in have]
+    known = StoredVectors(known_ids, matrix, known_rows, capacity=len(todo)) if vectors else None
     rows = products.take(pa.array(todo, pa.int64())) if todo else products.slice(0, 0)
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
@@ -560,7 +572,10 @@ def find_duplicates(
 
     Lists are stored ``k + spare`` deep (spare: k // 2, at least 2) and served ``k`` deep, so a product whose
     neighbours change or leave keeps its exact top-k without being searched again (``update_graph``)."""
+    import faiss
+
     from features.similarity import (
+        IvfCells,
         build_index,
         cluster,
         cluster_size_distribution,
@@ -626,7 +641,11 @@ def find_duplicates(
             ann["nprobe"] = None if graph.cells is None else graph.cells.nprobe
     if graph is None:
         vectors = known.stack(ids.tolist())
-        graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
+        index = index_for(vectors)
+        if index is not None and faiss.try_extract_index_ivf(index) is not None:
+            index = IvfCells.from_index(index)  # the join needs the cells alone: the index's copy of x is freed
+        graph = knn_graph(ids, vectors, depth, index=index)
+        del index
         cells_ref = None if graph.cells is None else _save_cells(wh, graph.cells, run_id)
     gids = graph.ids
     ia, ib, score = graph.top(k).pair_positions()  # the spare entries beyond k only serve later updates

@@ -179,6 +179,24 @@ def test_stored_vectors_stack_in_order_and_prefer_this_runs_vectors():
     assert store.stack([]).shape == (0, 3)
 
 
+def test_stored_vectors_of_a_full_run_fill_one_matrix_and_stack_without_a_copy():
+    from flows.dedupe import StoredVectors
+
+    x = np.arange(30, dtype=np.float32).reshape(10, 3)
+    ids = [f"p{i}" for i in range(10)]
+    for capacity in (10, 0):  # the run's size known (the embed stage), or not: the matrix grows by doubling
+        store = StoredVectors([], np.zeros((0, 0), np.float32), capacity=capacity)
+        for lo in range(0, 10, 3):
+            store.add(ids[lo : lo + 3], x[lo : lo + 3])
+        got = store.stack(ids)  # every vector, in the order added: the matrix itself
+        np.testing.assert_array_equal(got, x)
+        assert np.shares_memory(got, store.stack(ids)) and store.dim == 3 and len(store) == 10
+        other = store.stack(ids[::-1])  # any other order is a copy
+        np.testing.assert_array_equal(other, x[::-1])
+        assert not np.shares_memory(other, got)
+        np.testing.assert_array_equal(store["p4"], x[4])
+
+
 def test_stored_vectors_reference_rows_of_a_read_matrix():
     import pyarrow as pa
 
