@@ -411,11 +411,15 @@ class IvfCells:
                 old = np.flatnonzero(rows < n_old)
                 r = np.flatnonzero(rev_here)
                 if len(old) and len(r):  # each old row is in one cell: its candidates come from this block alone
-                    top = torch.topk(s[r][:, old], min(depth, len(r)), dim=0)
-                    vals, idx = top.values.T.numpy(), qs[r][top.indices.T.numpy()]
-                    ok = vals >= floor[rows[old], None]
-                    row_s[rows[old], : vals.shape[1]] = np.where(ok, vals, -np.inf)
-                    row_i[rows[old], : vals.shape[1]] = np.where(ok, idx, -1)
+                    sub = s[r][:, old].T  # (|old|, |r|)
+                    # only the rows some new vector reaches the floor of (few: a floor is its list's lowest score)
+                    hit = np.flatnonzero(sub.amax(1).numpy() >= floor[rows[old]])
+                    if len(hit):
+                        top = torch.topk(sub[hit], min(depth, len(r)), dim=1)
+                        vals, idx, dst = top.values.numpy(), qs[r][top.indices.numpy()], rows[old[hit]]
+                        ok = vals >= floor[dst, None]
+                        row_s[dst, : vals.shape[1]] = np.where(ok, vals, -np.inf)
+                        row_i[dst, : vals.shape[1]] = np.where(ok, idx, -1)
         col_i[np.isneginf(col_s)] = -1
         return row_s, row_i, col_s, col_i
 
