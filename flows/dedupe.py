@@ -720,6 +720,7 @@ def find_duplicates(
     wh.overwrite("duplicates", dup)
     wh.overwrite("clusters", clusters)
     wh.overwrite("knn_graph", graph_t)
+    wh.delete_files(CELLS_DIR, keep=[cells_ref] if cells_ref else [])  # earlier builds' centroids: nothing reads them
     dist = cluster_size_distribution(cl)
     return {
         "products": int(len(ids)), "graph": mode, "k": k, "depth": depth, "threshold": thr, "threshold_from": thr_how,

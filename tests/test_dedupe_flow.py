@@ -101,8 +101,11 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     assert {(r["a"], r["b"]) for r in wh.read("duplicates").to_pylist()} == {
         (x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9
     }
+    cells_dir = tmp_path / "wh" / "_models" / "ivf-cells"
+    assert [f.name for f in cells_dir.iterdir()] == [f"{ivf['run_id']}.safetensors"]  # one build, one file
     k12 = dedupe(warehouse_root=wh_root, method="text", threshold=0.9, precision="int8", k=12)
     assert k12["graph"] == "full" and {len(r["neighbors"]) for r in wh.read("knn_graph").to_pylist()} == {18}
+    assert not list(cells_dir.iterdir())  # an exact build: the last IVF build's centroids are deleted
 
     a, b = hits[0]
     out = CliRunner().invoke(app, ["similar", a, "-w", wh_root, "--k", "3"])

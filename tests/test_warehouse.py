@@ -302,3 +302,25 @@ def test_maintain_compacts_and_deletes_replaced_files_but_keeps_the_data(tmp_pat
         wh.maintain(retention_hours=-1)
     with pytest.raises(ValueError, match=r"unknown tables \['product'\]"):
         wh.maintain(["product"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_small_files_are_written_read_and_deleted_but_the_kept_ones(where, tmp_path, request):
+    from warehouse.tables import Warehouse
+
+    if where == "s3":
+        client, endpoint = request.getfixturevalue("moto_s3")
+        client.create_bucket(Bucket="enrich-wh")
+        opts = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+        wh = Warehouse("s3://enrich-wh/warehouse", opts)
+    else:
+        wh = Warehouse(str(tmp_path / "wh"))
+    assert wh.delete_files("_models/cells") == []  # no folder yet
+    for name in ("a", "b", "c"):
+        wh.write_bytes(f"_models/cells/{name}.bin", name.encode())
+    assert wh.delete_files("_models/cells", keep=["_models/cells/b.bin"]) == [
+        "_models/cells/a.bin",
+        "_models/cells/c.bin",
+    ]
+    assert wh.read_bytes("_models/cells/b.bin") == b"b"
+    assert wh.read_bytes("_models/cells/a.bin") is None and wh.read_bytes("_models/cells/c.bin") is None

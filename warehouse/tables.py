@@ -245,6 +245,22 @@ class Warehouse:
         except FileNotFoundError:
             return None
 
+    def delete_files(self, folder: str, keep: Sequence[str] = ()) -> list[str]:
+        """Delete the files written by `write_bytes` directly under ``folder`` except the paths in ``keep``
+        (relative to the root, as `write_bytes` takes them); returns the deleted paths."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.uri(folder), **_fsspec_kwargs(self))
+        fs.invalidate_cache(path)
+        try:
+            names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+        gone = [f"{folder}/{n}" for n in sorted(names) if f"{folder}/{n}" not in set(keep)]
+        for rel in gone:
+            fs.rm_file(fsspec.core.url_to_fs(self.uri(rel), **_fsspec_kwargs(self))[1])
+        return gone
+
     def list_tables(self) -> list[str]:
         import fsspec
 
