@@ -390,7 +390,7 @@ class IvfCells:
                 rows = members[a_all[lo]]
                 if len(rows) == 0:
                     continue
-                qs, first = np.unique(q_all[lo:hi], return_index=True)
+                qs = np.unique(q_all[lo:hi])
                 fwd_here = np.zeros(len(qs), bool)
                 fwd_here[np.searchsorted(qs, q_all[lo:hi][is_fwd[lo:hi]])] = True
                 rev_here = np.zeros(len(qs), bool)

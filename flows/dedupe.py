@@ -597,8 +597,6 @@ def find_duplicates(
     Lists are stored ``k + spare`` deep (spare: k // 2, at least 2) and served ``k`` deep, so a product whose
     neighbours change or leave keeps its exact top-k without being searched again (``update_graph``). An update
     releases ``known``'s vectors once the graph holds its own copy (``StoredVectors.release``)."""
-    import faiss
-
     from features.similarity import (
         IvfCells,
         build_index,
@@ -615,9 +613,10 @@ def find_duplicates(
     hashes = dict(zip(ids.tolist(), products.column("content_hash").to_pylist(), strict=True))
 
     def index_for(x: np.ndarray):
-        """None (exact search) up to ``exact_max`` rows; beyond, IVF with nprobe raised until the self-join's
-        recall at the stored depth on a sample reaches ``target_recall`` (measured against exact search, reported in
-        the summary; the spare entries must be right too, since an update may promote them into the top k)."""
+        """None (exact search) up to ``exact_max`` rows; beyond, the cells of an IVF index with nprobe raised until
+        the self-join's recall at the stored depth on a sample reaches ``target_recall`` (measured against exact
+        search, reported in the summary; the spare entries must be right too, since an update may promote them into
+        the top k). Only the cells are returned: the index's own copy of ``x`` is freed before the join."""
         if len(x) <= exact_max:
             return None
         index = build_index(x, kind="ivf")
@@ -627,7 +626,7 @@ def find_duplicates(
                 "approximate search reaches recall@%d %.3f of the target %.2f at nprobe %d (the cap on its cost); "
                 "raise --exact-max to %d for exact search, or use embeddings that separate products better",
                 depth, ann["recall"], target_recall, ann["nprobe"], len(x))  # fmt: skip
-        return index
+        return IvfCells.from_index(index)
 
     depth = k + (max(2, k // 2) if spare is None else spare)
     ann: dict[str, Any] = {"nprobe": None, "recall": None}
@@ -670,11 +669,7 @@ def find_duplicates(
             ann["nprobe"] = None if graph.cells is None else graph.cells.nprobe
     if graph is None:
         vectors = known.stack(ids.tolist())
-        index = index_for(vectors)
-        if index is not None and faiss.try_extract_index_ivf(index) is not None:
-            index = IvfCells.from_index(index)  # the join needs the cells alone: the index's copy of x is freed
-        graph = knn_graph(ids, vectors, depth, index=index)
-        del index
+        graph = knn_graph(ids, vectors, depth, index=index_for(vectors))
         cells_ref = None if graph.cells is None else _save_cells(wh, graph.cells, run_id)
     gids = graph.ids
     ia, ib, score = graph.top(k).pair_positions()  # the spare entries beyond k only serve later updates

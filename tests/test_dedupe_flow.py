@@ -83,8 +83,8 @@ def test_dedupe_finds_known_duplicates_incrementally(tmp_path, prefect_harness):
     emb = [r for r in wh.read("embeddings").to_pylist() if r["model_version"].endswith("+int8")]
     emb_ids, emb_x = np.array([r["product_id"] for r in emb]), np.array([r["vector"] for r in emb], np.float32)
     graph, _, _ = _stored_graph(wh, inc["model"])
-    order = np.argsort(emb_ids)[np.searchsorted(emb_ids[np.argsort(emb_ids)], graph.ids.astype(str))]
-    fa, fb, fs = knn_graph(graph.ids, emb_x[order], 15, index=graph.cells).top(10).pairs()
+    row = {p: i for i, p in enumerate(emb_ids.tolist())}
+    fa, fb, fs = knn_graph(graph.ids, emb_x[[row[p] for p in graph.ids]], 15, index=graph.cells).top(10).pairs()
     assert inc_pairs == {(x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9}  # a search in the cells
     fa, fb, fs = knn_graph(emb_ids, emb_x, 10).pairs()  # ... which here finds what exact search finds
     assert inc_pairs == {(x, y) for x, y, z in zip(fa, fb, fs, strict=True) if z >= 0.9}

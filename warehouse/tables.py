@@ -256,10 +256,10 @@ class Warehouse:
             names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
-        gone = [f"{folder}/{n}" for n in sorted(names) if f"{folder}/{n}" not in set(keep)]
-        for rel in gone:
-            fs.rm_file(fsspec.core.url_to_fs(self.uri(rel), **_fsspec_kwargs(self))[1])
-        return gone
+        gone = [n for n in sorted(names) if f"{folder}/{n}" not in set(keep)]
+        for name in gone:
+            fs.rm_file(f"{path.rstrip('/')}/{name}")
+        return [f"{folder}/{n}" for n in gone]
 
     def list_tables(self) -> list[str]:
         import fsspec
