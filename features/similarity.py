@@ -402,21 +402,24 @@ class IvfCells:
                     hit = (qq < len(qs)) & (qs[np.minimum(qq, len(qs) - 1)] == rows[mine] - n_old)
                     s[qq[hit], mine[hit]] = -np.inf
                 f = np.flatnonzero(fwd_here)
-                if len(f):  # merged into each new row's running list
-                    top = torch.topk(s[f], min(depth, len(rows)), dim=1)
-                    qf = qs[f]
-                    ms = np.concatenate([col_s[qf], top.values.numpy()], 1)
-                    mi = np.concatenate([col_i[qf], rows[top.indices.numpy()]], 1)
-                    col_s[qf], col_i[qf] = _best(ms, mi, depth)
-                old = np.flatnonzero(rows < n_old)
+                if len(f):  # merged into the running lists of the new rows this block improves (a max is cheaper)
+                    sf = s if len(f) == len(qs) else s[f]
+                    better = np.flatnonzero(sf.amax(1).numpy() > col_s[qs[f], -1])
+                    if len(better):
+                        top = torch.topk(sf[better], min(depth, len(rows)), dim=1)
+                        qf = qs[f[better]]
+                        ms = np.concatenate([col_s[qf], top.values.numpy()], 1)
+                        mi = np.concatenate([col_i[qf], rows[top.indices.numpy()]], 1)
+                        col_s[qf], col_i[qf] = _best(ms, mi, depth)
                 r = np.flatnonzero(rev_here)
-                if len(old) and len(r):  # each old row is in one cell: its candidates come from this block alone
-                    sub = s[r][:, old].T  # (|old|, |r|)
-                    # only the rows some new vector reaches the floor of (few: a floor is its list's lowest score)
-                    hit = np.flatnonzero(sub.amax(1).numpy() >= floor[rows[old]])
+                if len(r) and n_old:  # each old row is in one cell: its candidates come from this block alone
+                    sr = s if len(r) == len(qs) else s[r]
+                    # only the old rows some new vector reaches the floor of (few: a floor is its list's lowest
+                    # score); the column maximum first, so the (|r|, |rows|) block is never copied
+                    hit = np.flatnonzero((sr.amax(0).numpy() >= floor[np.minimum(rows, n_old - 1)]) & (rows < n_old))
                     if len(hit):
-                        top = torch.topk(sub[hit], min(depth, len(r)), dim=1)
-                        vals, idx, dst = top.values.numpy(), qs[r][top.indices.numpy()], rows[old[hit]]
+                        top = torch.topk(sr[:, hit].T, min(depth, len(r)), dim=1)
+                        vals, idx, dst = top.values.numpy(), qs[r][top.indices.numpy()], rows[hit]
                         ok = vals >= floor[dst, None]
                         row_s[dst, : vals.shape[1]] = np.where(ok, vals, -np.inf)
                         row_i[dst, : vals.shape[1]] = np.where(ok, idx, -1)
