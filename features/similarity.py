@@ -631,6 +631,11 @@ def _cross_scan(x, q, k_rows, k_cols, own, row_floor, block_bytes, dtype, slack)
     return row_s, row_i, col_scores, col_ids
 
 
+def _same_start(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` begin at the same address (``b`` a leading view of ``a``, or ``a`` itself)."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and (a.size > 0 or b.size > 0)
+
+
 def _max_norm(a: np.ndarray) -> float:
     """The largest row norm of ``a``."""
     import torch
@@ -669,6 +674,7 @@ def update_graph(
     exact_queries: int = 0,
     screen: Literal["auto", "bf16", "fp32"] = "auto",
     vector_rows: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[NeighborGraph, np.ndarray]:
     """The graph after adding new products and replacing changed ones, with work proportional to the change.
 
@@ -701,6 +707,10 @@ def update_graph(
         screen: the exact (N, C) product's arithmetic (``cross_topk``): its result is exact either way.
         vector_rows: when given, ``graph.ids[i]``'s vector is ``vectors[vector_rows[i]]`` (-1: none, allowed only for
             an id that is replaced or removed), so a caller holding a matrix in another order needs no copy of it.
+        out: a (>= N', D) float32 buffer the updated vectors are written into (returned as ``out[:N']``) instead
+            of a new matrix. It may be the buffer ``vectors`` is a leading view of (the caller gives the matrix
+            up): the kept rows then move up in place, and the returned graph's old rows follow the order of
+            their rows in ``vectors``. At 1M x 384 this saves a 1.5 GB matrix and its page faults (~2 s here).
 
     Returns:
         The updated graph and its (N', D) vectors.
@@ -714,10 +724,6 @@ def update_graph(
     k = depth if k is None else min(k, depth)
     gone = isin_ids(graph.ids, new_ids if removed_ids is None else np.r_[new_ids, np.asarray(removed_ids)])
     kept = np.flatnonzero(~gone)
-    remap = np.full(len(graph.ids) + 1, -1, dtype=np.int64)  # slot -1 maps the padding to itself
-    remap[kept] = np.arange(len(kept))
-    ids = np.concatenate([graph.ids[kept], new_ids])
-    n_old, n = len(kept), len(ids)
     source = kept
     if vector_rows is not None:
         vector_rows = np.asarray(vector_rows, np.int64)
@@ -729,8 +735,34 @@ def update_graph(
             raise ValueError(f"products kept in the graph have no vector row (first: {bad}); pass them as new_ids")
     elif len(old_x) != len(graph.ids):
         raise ValueError(f"vectors has {len(old_x)} rows but the graph has {len(graph.ids)} ids; pass vector_rows")
-    x = np.empty((n, old_x.shape[1]), np.float32)  # one copy (old_x[kept] and a concatenate made two: 8.7 s at 1M)
-    np.take(old_x, source, axis=0, out=x[:n_old], mode="clip")  # "raise" buffers out
+    n_old, n = len(kept), len(kept) + len(new_ids)
+    in_place = out is not None and _same_start(out, old_x)
+    if out is not None:
+        if out.dtype != np.float32 or out.ndim != 2 or out.shape[1:] != old_x.shape[1:] or len(out) < n:
+            raise ValueError(f"out is {out.dtype} {out.shape}; pass a float32 buffer of at least ({n}, "
+                             f"{old_x.shape[1]})")  # fmt: skip
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be a writeable C-contiguous array")
+        if not in_place and np.shares_memory(out, old_x):
+            raise ValueError("out overlaps vectors without starting at its first row; pass vectors' own buffer")
+        if in_place:  # old rows in the order of their vector rows: each moves up (or stays), never down
+            order = np.argsort(source, kind="stable")
+            kept, source = kept[order], source[order]
+            if np.shares_memory(new_x, out):
+                new_x = new_x.copy()
+            if (np.diff(source) == 0).any():  # two products on one row: a row could be read after it is moved
+                in_place, out = False, None
+    remap = np.full(len(graph.ids) + 1, -1, dtype=np.int64)  # slot -1 maps the padding to itself
+    remap[kept] = np.arange(n_old)
+    ids = np.concatenate([graph.ids[kept], new_ids])
+    x = np.empty((n, old_x.shape[1]), np.float32) if out is None else out[:n]
+    if in_place:
+        step = 1 << 14  # a block is read (a copy) before it is written, and later blocks read rows past it
+        for lo in range(0, n_old, step):
+            hi = min(lo + step, n_old)
+            x[lo:hi] = old_x[source[lo:hi]]
+    else:  # one copy (old_x[kept] and a concatenate made two: 8.7 s at 1M)
+        np.take(old_x, source, axis=0, out=x[:n_old], mode="clip")  # "raise" buffers out
     x[n_old:] = new_x
     depth, k = min(depth, n - 1), min(k, n - 1)
 

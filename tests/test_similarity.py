@@ -440,3 +440,48 @@ def test_update_graph_gathers_vectors_by_row_as_a_stacked_copy_does():
         update_graph(graph, stored, new_ids, new_x, removed_ids=ids[[9]], k=5, depth=8, vector_rows=rows)
     with pytest.raises(ValueError, match="pass vector_rows"):
         update_graph(graph, stored[:700], new_ids, new_x, k=5, depth=8)
+
+
+def _lists_by_id(graph) -> dict:
+    """{product id: [(neighbour id, score), ...]} of a graph, whatever its row order."""
+    return {p: [(graph.ids[j], round(float(s), 5)) for j, s in zip(nb, sc, strict=True) if j >= 0]
+            for p, nb, sc in zip(graph.ids.tolist(), graph.neighbors, graph.scores, strict=True)}  # fmt: skip
+
+
+@pytest.mark.parametrize("in_cells", [False, True])
+def test_update_graph_in_the_read_matrix_equals_an_update_into_a_new_one(in_cells):
+    """``out=vectors``: the kept rows move up in the caller's matrix (stored in its own row order, with rows for
+    products that leave) and the new ones follow, with no new matrix; the graph is the one an update into a new
+    matrix gives (same lists per product, rows in the stored order). A buffer too small, or overlapping the
+    vectors at an offset, is refused."""
+    x = categorised(n_cat=20, n_groups=300, size=4, d=16, seed=9)
+    ids = np.array([f"p{i:04d}" for i in range(len(x))], dtype=object)
+    index = build_index(x[:1100], kind="ivf", nprobe=3) if in_cells else None
+    graph = knn_graph(ids[:1100], x[:1100], k=8, index=index)
+    assert (graph.cells is not None) == in_cells
+    rng = np.random.default_rng(1)
+    changed = ids[[5, 17, 400]]
+    new_ids = np.r_[changed, ids[1100:1150]]
+    new_x = np.r_[normalize(x[[5, 17, 400]] + 0.2 * rng.standard_normal((3, 16))), x[1100:1150]]
+    perm = rng.permutation(1100)
+    stored = np.r_[x[:1100][perm], np.zeros((60, 16), np.float32)]  # rows to spare for the new products
+    rows = np.argsort(perm)
+    rows[[5, 9]] = -1  # a changed and a removed product: no usable row
+    kw = dict(removed_ids=ids[[9, 30]], k=5, depth=8, vector_rows=rows)
+    want, want_x = update_graph(graph, stored.copy(), new_ids, new_x, **kw)
+    got, got_x = update_graph(graph, stored, new_ids, new_x, out=stored, **kw)
+    assert np.shares_memory(got_x, stored)  # no new matrix
+    assert sorted(got.ids.tolist()) == sorted(want.ids.tolist())
+    assert _lists_by_id(got) == _lists_by_id(want)
+    pos = {p: i for i, p in enumerate(want.ids.tolist())}
+    at = np.array([pos[p] for p in got.ids.tolist()])
+    np.testing.assert_array_equal(got_x, want_x[at])
+    if in_cells:
+        np.testing.assert_array_equal(got.cells.cell, want.cells.cell[at])
+    # the old rows follow their order in the stored matrix
+    old_rows = np.argsort(perm)[[int(p[1:]) for p in got.ids[: len(got.ids) - len(new_ids)].tolist()]]
+    assert (np.diff(old_rows) > 0).all()
+    with pytest.raises(ValueError, match="at least"):
+        update_graph(graph, stored, new_ids, new_x, out=stored[:1000], **kw)
+    with pytest.raises(ValueError, match="overlaps"):
+        update_graph(graph, stored[10:], new_ids, new_x, out=stored, **kw)
