@@ -901,8 +901,9 @@ def cluster(
         ia, ib = ia[edge_order], ib[edge_order]
     cap = max_cluster_size or n
 
-    parent = np.arange(n)
-    size = np.ones(n, dtype=np.int64)
+    # union-find on Python lists: the loop below reads one element at a time, ~3x faster than numpy scalars
+    parent = list(range(n))
+    size = [1] * n
     members: dict[int, list[int]] = {}  # root -> its members, kept only for clusters of 2+ (min_linkage)
     if min_linkage > 0:  # each product's matches as CSR arrays (a dict of sets held 1.4 GB for 4.7M pairs at 1M)
         src = np.concatenate([ia, ib])
@@ -941,7 +942,7 @@ def cluster(
             grown = members.pop(ri, [ri])  # the larger cluster's list, extended in place
             grown.extend(members.pop(rj, [rj]))
             members[ri] = grown
-    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
+    roots = np.fromiter((find(i) for i in range(n)), np.int64, n)
     _, first, inverse = np.unique(roots, return_index=True, return_inverse=True)
     rank = np.empty(len(first), dtype=np.int64)
     rank[np.argsort(first, kind="stable")] = np.arange(len(first))
