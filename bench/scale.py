@@ -13,11 +13,14 @@ each in its own process (its own peak RSS, ``ru_maxrss``; ``--dedupe-method text
 4. ``tenth`` (only when asked for in ``--runs``): a tenth of ``--changed`` edited (0.1%): already enough to touch
    every file of the prediction tables, so with ``changed`` it separates what a run pays per changed product from
    what it pays per table (a replaceWhere rewrites each file that holds a changed product's rows);
-5. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each stage redoes only those products.
+5. ``changed``: a catalog with ``--changed`` (1%) of the titles edited: each stage redoes only those products;
+6. ``--curve`` shares (e.g. 0.5% and 5%): more such runs, in increasing order with ``tenth`` and ``changed`` (each
+   edits every 1/share-th product with its own suffix, so each run's edits contain the last run's).
 
 The claim to check (``check`` in the JSON): ``changed`` ≈ base + ``--changed`` x (``full`` - base), i.e. the changed
 rows cost their share of the full run's work on top of the fixed overhead, with base = ``noop`` and base = ``one``;
-with ``tenth``, also through the line cost = F + c x changed that joins ``tenth`` and ``changed``.
+with ``tenth``, also through the line cost = F + c x changed that joins ``tenth`` and ``changed``, and with three
+or more such runs by least squares over them (``fit``: F, the cost per 1% changed, R²).
 
 Products: ``warehouse.sample_catalog``'s generator (title, description, spec table, labels); one rendered image each
 for N <= ``--images-up-to``; text-only above it, where JAVE's text tower and the embedder run int8 under ONNX Runtime
@@ -43,6 +46,8 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -82,6 +87,15 @@ def changed_catalog(path: Path, share: float, suffix: str = " (2025 edition)") -
     """``path`` with every ``1/share``-th title edited (the images stay: same files, same sha256)."""
     every = max(1, round(1 / share))
     return _edited(path, f"catalog-changed-{share:g}.jsonl", lambda i: i % every == 0, suffix)
+
+
+def curve_run(share: float) -> str:
+    return f"share {share:.2%}"
+
+
+def curve_catalog(path: Path, share: float) -> Path:
+    """``path`` with every ``1/share``-th title edited, with a suffix of its own (a ``--curve`` run)."""
+    return changed_catalog(path, share, f" (share {share:g})")[0]
 
 
 def one_changed_catalog(path: Path) -> tuple[Path, int]:
@@ -163,7 +177,7 @@ def step(args: argparse.Namespace, name: str, wh: Path, path: Path, images: bool
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out.update(process_s=round(time.perf_counter() - t, 2), load_avg_before=load)
     stages = " ".join(f"{k} {v:.1f}" for k, v in (out.get("stages_s") or {}).items() if v is not None)
-    print(f"  {label or name:8s} {out['process_s']:8.1f} s  {out['peak_rss_mb']:7.0f} MB  load {load[0]}  {stages}",
+    print(f"  {label or name:11s} {out['process_s']:8.1f} s  {out['peak_rss_mb']:7.0f} MB  load {load[0]}  {stages}",
           flush=True)  # fmt: skip
     return out
 
@@ -193,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         default="full,noop,one,changed",
         help="which runs after the full one (noop, one, tenth: a tenth of --changed, changed)",
     )
+    p.add_argument("--curve", default="", help="more shares changed, each a run, e.g. 0.005,0.05 (see the fit)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--step", choices=("nightly", "train"), help=argparse.SUPPRESS)
     p.add_argument("--warehouse", help=argparse.SUPPRESS)
@@ -235,9 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         if "tenth" in wanted:  # a tenth of the change (its own edit, so the changed run edits these again)
             runs["tenth"] = step(args, "nightly", wh, changed_catalog(path, args.changed / 10, " (tenth)")[0], images,
                                  "tenth")  # fmt: skip
+        curve = sorted(float(x) for x in args.curve.split(",") if x)
+        for share in (x for x in curve if x < args.changed):
+            runs[curve_run(share)] = step(args, "nightly", wh, curve_catalog(path, share), images, curve_run(share))
         changed_path, n_changed = changed_catalog(path, args.changed)
         if "changed" in wanted:
             runs["changed"] = step(args, "nightly", wh, changed_path, images, "changed")
+        for share in (x for x in curve if x > args.changed):
+            runs[curve_run(share)] = step(args, "nightly", wh, curve_catalog(path, share), images, curve_run(share))
         report["sizes"][str(n)] = {"images": images, "changed_products": n_changed, "runs": runs,
                                    "precisions": _precisions(args, images), "date": report["date"],
                                    "load_avg_end": [round(x, 2) for x in os.getloadavg()],
@@ -271,6 +291,21 @@ def _check(runs: dict, share: float) -> dict:
                 "fixed_overhead_s": round(fixed, 2), "changed_s": changed, "changed_work_s": round(changed - fixed, 2),
                 "changed_work_share_of_full": round((changed - fixed) / max(full - fixed, 1e-9), 4),
             }  # fmt: skip
+        # least squares over the runs whose change touches every file (tenth, changed, the curve): cost = F + c x
+        # changed products, with c x N / 100 the cost of 1% changed, next to 1% of the full run's cost over F
+        pts = [(r["predicted_products"], r[key]) for name, r in runs.items()
+               if name in ("tenth", "changed") or name.startswith("share ")]  # fmt: skip
+        if len(pts) >= 3 and "full" in runs:
+            n_products = runs["full"]["predicted_products"]
+            xs, ys = (np.array(v, float) for v in zip(*pts, strict=True))
+            slope, fixed = np.polyfit(xs, ys, 1)
+            r2 = 1 - ((ys - (fixed + slope * xs)) ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-12)
+            per_1pct = slope * n_products / 100
+            out[f"{key} fit"] = {
+                "points": [[int(x), y] for x, y in pts], "fixed_overhead_s": round(fixed, 2),
+                "per_1pct_changed_s": round(per_1pct, 2), "r2": round(r2, 4),
+                "per_1pct_share_of_full": round(per_1pct / max(runs["full"][key] - fixed, 1e-9), 4),
+            }  # fmt: skip
     return out
 
 
@@ -296,9 +331,17 @@ def table(report: dict) -> str:
             st = out["stages_s"]
             label = {"changed": f"changed ({r['changed_products']})", "one": "one changed",
                      "tenth": f"tenth ({r['changed_products'] // 10})"}.get(run, run)  # fmt: skip
+            if run.startswith("share "):
+                label = f"{run} ({out['predicted_products']})"
             cells = " | ".join("—" if st.get(k) is None else f"{st[k]:.1f}" for k in STAGES)
             lines.append(f"| {n} | {label} | {cells} | {out['flow_s']:.1f} | {out['process_s']:.1f} | "
                          f"{out['peak_rss_mb']:.0f} |")  # fmt: skip
+    for n, r in sorted(report["sizes"].items(), key=lambda kv: int(kv[0])):
+        fit = (r.get("check") or {}).get("process_s fit")
+        if fit:
+            lines.append(f"\n{n}: process s = {fit['fixed_overhead_s']:.1f} s + {fit['per_1pct_changed_s']:.2f} s "
+                         f"per 1% changed ({fit['per_1pct_share_of_full']:.2%} of the full run over that fixed cost; "
+                         f"least squares over {len(fit['points'])} runs, R² {fit['r2']:.3f})")  # fmt: skip
     # each stage's own peak (the flow resets the kernel's high-water mark per stage): what grows with the catalog
     lines += ["", "peak RSS MB per stage, full runs (the flow process; the models stay loaded between stages)", "",
               "| products | " + " | ".join(STAGES) + " |", "|---:|" + "---:|" * len(STAGES)]  # fmt: skip
