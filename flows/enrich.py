@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows import reports, tracking
-from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS
+from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS, COMMIT_SHARE
 from warehouse import schema
 from warehouse.tables import Warehouse
 
@@ -225,31 +225,52 @@ class CommitGroups:
 
     A commit into a Delta table costs about the same whatever it holds (a merge or replaceWhere scans the target,
     which grows over the run), so one commit per 256-row batch made a 100k-product run spend more time committing
-    than predicting. Grouping keeps the restart guarantee in a weaker form: a run stopped halfway keeps every group
-    it committed and redoes at most ``seconds`` of work (nothing is lost: the uncommitted products are still "to do"
-    on the next run)."""
+    than predicting. A commit that replaces rows rewrites every file holding one of them, i.e. the whole table once
+    the products are spread (~9 s for `review_queue` at 1M products): so each commit's own time also sets how much
+    work the next one waits for, ``write_s * (1 - share) / share``, keeping commits at most ``share`` of the run's
+    time (``share``, default ``flows.defaults.COMMIT_SHARE``; a 5% rerun at 1M paid one such rewrite per 16k
+    products, doubling predict's cost per product), up to ``max_rows`` pending rows (default ``8 * rows``, ~600 MB
+    of predictions) whatever the time.
+
+    Grouping keeps the restart guarantee in a weaker form: a run stopped halfway keeps every group it committed and
+    redoes at most ``max(seconds, write_s * (1 - share) / share)`` of work (nothing is lost: the uncommitted products
+    are still "to do" on the next run)."""
 
     def __init__(
-        self, write: Callable[[list[Any]], None], rows: int = COMMIT_ROWS, seconds: float = COMMIT_SECONDS
+        self,
+        write: Callable[[list[Any]], None],
+        rows: int = COMMIT_ROWS,
+        seconds: float = COMMIT_SECONDS,
+        *,
+        share: float | None = None,
+        max_rows: int | None = None,
     ) -> None:
-        if rows < 1 or seconds < 0:
-            raise ValueError(f"CommitGroups needs rows >= 1 and seconds >= 0 (got rows={rows}, seconds={seconds})")
-        self.write, self.rows, self.seconds = write, rows, seconds
+        share = COMMIT_SHARE if share is None else share
+        if rows < 1 or seconds < 0 or not 0 < share <= 1:
+            raise ValueError(f"CommitGroups needs rows >= 1, seconds >= 0 and 0 < share <= 1 (got rows={rows}, "
+                             f"seconds={seconds}, share={share})")  # fmt: skip
+        self.write, self.rows, self.seconds, self.share = write, rows, seconds, share
+        self.max_rows = max(rows, 8 * rows if max_rows is None else max_rows)
         self.pending: list[Any] = []
         self.pending_rows = 0
         self.commits = 0
+        self.gap = 0.0  # the work the next commit waits for, from the last commit's own time
         self._since = time.perf_counter()
 
     def add(self, item: Any, n_rows: int) -> None:
         self.pending.append(item)
         self.pending_rows += n_rows
-        if self.pending_rows >= self.rows or time.perf_counter() - self._since >= self.seconds:
+        elapsed = time.perf_counter() - self._since
+        due = (self.pending_rows >= self.rows or elapsed >= self.seconds) and elapsed >= self.gap
+        if due or self.pending_rows >= self.max_rows:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
+            started = time.perf_counter()
             self.write(self.pending)
             self.commits += 1
+            self.gap = (time.perf_counter() - started) * (1 - self.share) / self.share
         self.pending, self.pending_rows, self._since = [], 0, time.perf_counter()
 
 

@@ -158,6 +158,7 @@ def test_failed_run_resumes_without_redoing_or_duplicating(base, tmp_path, monke
     from warehouse.tables import Warehouse
 
     wh_root = str(tmp_path / "wh")
+    monkeypatch.setattr(enrich_mod, "COMMIT_SHARE", 1.0)  # commits every 64 products, however long one takes
     original = enrich_mod.write_predictions
     calls = {"n": 0}
 
@@ -191,6 +192,7 @@ def test_crash_between_appended_rows_and_state_leaves_no_duplicates(base, tmp_pa
     import flows.enrich as enrich_mod
     from warehouse.tables import Warehouse
 
+    monkeypatch.setattr(enrich_mod, "COMMIT_SHARE", 1.0)  # commits every 64 products, however long one takes
     original = Warehouse.append
     calls = {"n": 0}
 
@@ -297,6 +299,7 @@ def test_nightly_on_s3_gives_the_same_tables(base, moto_s3, monkeypatch):
 KILLED_RUN = """
 import sys, time
 import flows.enrich as enrich_mod
+enrich_mod.COMMIT_SHARE = 1.0  # commits every 64 products, however long one takes
 original, calls = enrich_mod.write_predictions, []
 def hangs_after_two_batches(*args, **kwargs):
     calls.append(1)
