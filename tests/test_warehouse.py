@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -324,3 +325,38 @@ def test_small_files_are_written_read_and_deleted_but_the_kept_ones(where, tmp_p
     ]
     assert wh.read_bytes("_models/cells/b.bin") == b"b"
     assert wh.read_bytes("_models/cells/a.bin") is None and wh.read_bytes("_models/cells/c.bin") is None
+
+
+DEEP_PREDICATE = """
+import sys
+from datetime import UTC, datetime
+import pyarrow as pa
+from warehouse.tables import Warehouse
+from warehouse.schema import ATTRIBUTE_PREDICTIONS
+wh = Warehouse(sys.argv[1])
+row = dict(prediction_id="p1|Colour|Red", product_id="p1", attribute="Colour", value="Red", field="title", begin=0,
+           end=3, score=0.9, threshold=0.5, kind="extracted", content_hash="h", model_name="jave", model_version="1",
+           mlflow_run_id="r", predicted_at=datetime.now(UTC))
+table = pa.Table.from_pylist([row, dict(row, prediction_id="p2|Colour|Red", product_id="p2")], ATTRIBUTE_PREDICTIONS)
+wh.append("attribute_predictions", table)
+ids = ["p1"] + [f"id-{i:07d}" for i in range(60_000)]
+navy = table.slice(0, 1).set_column(table.column_names.index("value"), "value", pa.array(["Navy"]))
+wh.replace_where("attribute_predictions", navy, "product_id", ids)
+wh.delete_where("attribute_predictions", "product_id", ids[1:] + ["p2"])
+print(sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist()), flush=True)
+import os
+os._exit(0)  # delta-rs's runtime can abort at interpreter teardown ("terminate called..."): not what is tested
+"""
+
+
+def test_replace_and_delete_with_a_predicate_of_60k_ids(tmp_path):
+    """A commit group of 60,000 products: delta-rs parses the IN list recursively, and 30,000 ids overflowed the
+    main thread's 8 MB stack (SIGSEGV, the whole run gone); it now runs on a thread with the stack it needs. In a
+    subprocess, so a crash is this test's failure, not the session's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", DEEP_PREDICATE, str(tmp_path / "wh")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.strip().splitlines()[-1] == "[('p1', 'Navy')]"
