@@ -70,7 +70,7 @@ bench-enrich: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) bench/scale.py --sizes 10000,20000,100000 --images-up-to 10000
 
-# the million-product nightly (text-only fast path: int8 JAVE, char n-gram dedupe; ~45 min), its full run then reruns
+# the million-product nightly (text-only fast path: int8 JAVE, char n-gram dedupe; 34-36 min measured), its full run then reruns
 # with one product and 0.1%, 0.5%, 1% and 5% changed (a least-squares fit of cost on the change): outside `make bench`
 bench-scale-1m: $(STAMP)
 	$(PY) bench/scale.py --sizes 1000000 --images-up-to 0 --dedupe-method chars --runs one,tenth,changed \
