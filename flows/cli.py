@@ -514,12 +514,15 @@ def dedupe_cmd(
 def similar(
     product_id: Annotated[str, typer.Argument(help="The product to find neighbours of.")],
     k: int = 10,
+    method: Annotated[
+        str | None, typer.Option(help="Only this embedding model's vectors (default: the one that embedded it last).")
+    ] = None,
     warehouse: WarehouseOpt = None,
 ) -> None:
-    """The k most similar products (by the stored embeddings) with scores and titles."""
+    """The k most similar products (by the stored embeddings of one model version) with scores and titles."""
     from flows.dedupe import similar as find
 
-    print_arrow(find(product_id, k=k, warehouse_root=warehouse), title=f"similar to {product_id}")
+    print_arrow(find(product_id, k=k, warehouse_root=warehouse, method=method), title=f"similar to {product_id}")
 
 
 @app.command()

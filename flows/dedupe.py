@@ -830,19 +830,35 @@ def dedupe(
 
 
 def similar(product_id: str, k: int = 10, warehouse_root: str | None = None, method: str | None = None) -> pa.Table:
-    """Top-k most similar products to ``product_id`` by stored embeddings (exact search), with titles."""
+    """Top-k most similar products to ``product_id`` (exact search), with titles, among the vectors of one model
+    version: the one that embedded ``product_id`` last (of model ``method``, when given). Vectors of different
+    models or versions live in different spaces and are never compared. The vectors are read as Arrow arrays
+    (``_stored_embeddings``), not Python lists: 1M x 384 floats as lists took minutes and tens of GB."""
+    from types import SimpleNamespace
+
+    def quoted(v: str) -> str:
+        return "'" + str(v).replace("'", "''") + "'"
+
     wh = Warehouse(warehouse_root)
-    emb = wh.sql(
-        "SELECT e.product_id, e.vector, p.title, e.model_name, e.model_version FROM embeddings e "
-        "JOIN products p USING (product_id)" + (f" WHERE e.model_name = '{method}'" if method else "")
-    )
-    ids = emb.column("product_id").to_pylist()
-    if product_id not in ids:
-        raise LookupError(f"product {product_id!r} has no embedding; run `enrich dedupe` first (or check the id)")
-    vectors = np.stack([np.asarray(v, np.float32) for v in emb.column("vector").to_pylist()])
-    q = vectors[ids.index(product_id)]
-    scores = vectors @ q
-    order = [i for i in np.argsort(-scores) if ids[i] != product_id][:k]
-    titles = emb.column("title").to_pylist()
-    return pa.table({"product_id": [ids[i] for i in order], "score": [round(float(scores[i]), 4) for i in order],
-                     "title": [titles[i] for i in order]})  # fmt: skip
+    found = pa.table({"model_name": pa.array([], pa.string())})
+    if wh.exists("embeddings"):
+        found = wh.sql(f"SELECT model_name, model_version FROM embeddings WHERE product_id = {quoted(product_id)}"
+                       + (f" AND model_name = {quoted(method)}" if method else "")
+                       + " ORDER BY embedded_at DESC LIMIT 1")  # fmt: skip
+    if found.num_rows == 0:
+        how = f" by model {method!r}" if method else ""
+        raise LookupError(f"product {product_id!r} has no embedding{how}; run `enrich dedupe` first (or check the id)")
+    ref = SimpleNamespace(name=found.column("model_name")[0].as_py(), version=found.column("model_version")[0].as_py())
+    ids, _, vectors = _stored_embeddings(wh, ref, True)
+    scores = vectors @ vectors[ids.index(product_id)]
+    top = np.arange(len(scores)) if len(scores) <= k + 1 else np.argpartition(-scores, k)[: k + 1]
+    order = [int(i) for i in top[np.argsort(-scores[top], kind="stable")] if ids[i] != product_id][:k]
+    picked = [ids[i] for i in order]
+    titles: dict[str, str] = {}
+    if picked:
+        rows = wh.sql(f"SELECT product_id, title FROM products WHERE product_id IN ({', '.join(map(quoted, picked))})")
+        for pid, title in zip(rows.column("product_id").to_pylist(), rows.column("title").to_pylist(), strict=True):
+            titles.setdefault(pid, title)
+    return pa.table({"product_id": picked, "score": [round(float(scores[i]), 4) for i in order],
+                     "title": [titles.get(p) for p in picked],
+                     "model": [f"{ref.name}/{ref.version}"] * len(picked)})  # fmt: skip

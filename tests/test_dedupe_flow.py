@@ -247,3 +247,42 @@ def test_stored_graph_without_ivf_cells_or_with_its_centroids_gone_updates_exact
     (tmp_path / "wh" / ref).unlink()  # the centroids file deleted: the graph is updated exactly
     graph, _, got = _stored_graph(wh, "m/1")
     assert graph.cells is None and got is None
+
+
+def test_similar_ranks_within_one_model_version(tmp_path, prefect_harness):
+    """``similar`` compares a product only with vectors of the model version that embedded it last (or of the model
+    asked for); vectors of another model live in another space. A product without an embedding is a clear error."""
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+
+    from flows.dedupe import similar
+    from flows.ingest import ingest
+    from warehouse import schema
+    from warehouse.sample_catalog import FIELD_MAP, generate
+    from warehouse.tables import Warehouse
+
+    cat = generate(tmp_path / "demo", n_products=30, seed=5)
+    wh_root = str(tmp_path / "wh")
+    ingest(str(cat.catalog_path), mapping=dict(FIELD_MAP), warehouse_root=wh_root, media=False)
+    wh = Warehouse(wh_root)
+    pids = sorted(wh.read("products").column("product_id").to_pylist())[:4]
+    p0, p1, p2, p3 = pids
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    # model "old": p1 is p0's twin; model "new" (embedded later): p2 is, and p1 points the other way
+    vecs = {"old": {p0: [1, 0, 0], p1: [1, 0.01, 0], p2: [0, 1, 0], p3: [0, 0, 1]},
+            "new": {p0: [1, 0, 0], p1: [-1, 0, 0], p2: [1, 0.01, 0], p3: [0, 1, 0]}}  # fmt: skip
+    for i, (name, by_pid) in enumerate(vecs.items()):
+        rows = [{"product_id": p, "vector": np.asarray(v, np.float32) / np.linalg.norm(v), "content_hash": "h",
+                 "model_name": name, "model_version": "1", "mlflow_run_id": None,
+                 "embedded_at": t0 + timedelta(days=i)} for p, v in by_pid.items()]  # fmt: skip
+        wh.append("embeddings", pa.Table.from_pylist(rows, schema=schema.EMBEDDINGS))
+    got = similar(p0, k=2, warehouse_root=wh_root)
+    assert got.column("product_id").to_pylist() == [p2, p3] and set(got.column("model").to_pylist()) == {"new/1"}
+    assert got.column("score").to_pylist()[0] > 0.99 and all(got.column("title").to_pylist())
+    old = similar(p0, k=5, warehouse_root=wh_root, method="old")
+    assert old.column("product_id").to_pylist()[0] == p1 and len(old) == 3, "only model old's 4 vectors, self out"
+    with pytest.raises(LookupError, match="has no embedding by model 'other'"):
+        similar(p0, warehouse_root=wh_root, method="other")
+    with pytest.raises(LookupError, match="'nope' has no embedding"):
+        similar("nope", warehouse_root=wh_root)
