@@ -836,14 +836,13 @@ def similar(product_id: str, k: int = 10, warehouse_root: str | None = None, met
     (``_stored_embeddings``), not Python lists: 1M x 384 floats as lists took minutes and tens of GB."""
     from types import SimpleNamespace
 
-    def quoted(v: str) -> str:
-        return "'" + str(v).replace("'", "''") + "'"
+    from warehouse.tables import _in_list
 
     wh = Warehouse(warehouse_root)
     found = pa.table({"model_name": pa.array([], pa.string())})
     if wh.exists("embeddings"):
-        found = wh.sql(f"SELECT model_name, model_version FROM embeddings WHERE product_id = {quoted(product_id)}"
-                       + (f" AND model_name = {quoted(method)}" if method else "")
+        found = wh.sql(f"SELECT model_name, model_version FROM embeddings WHERE {_in_list('product_id', [product_id])}"
+                       + (f" AND {_in_list('model_name', [method])}" if method else "")
                        + " ORDER BY embedded_at DESC LIMIT 1")  # fmt: skip
     if found.num_rows == 0:
         how = f" by model {method!r}" if method else ""
@@ -856,7 +855,7 @@ def similar(product_id: str, k: int = 10, warehouse_root: str | None = None, met
     picked = [ids[i] for i in order]
     titles: dict[str, str] = {}
     if picked:
-        rows = wh.sql(f"SELECT product_id, title FROM products WHERE product_id IN ({', '.join(map(quoted, picked))})")
+        rows = wh.sql(f"SELECT product_id, title FROM products WHERE {_in_list('product_id', picked)}")
         for pid, title in zip(rows.column("product_id").to_pylist(), rows.column("title").to_pylist(), strict=True):
             titles.setdefault(pid, title)
     return pa.table({"product_id": picked, "score": [round(float(scores[i]), 4) for i in order],

@@ -259,7 +259,8 @@ class Warehouse:
             names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
         except FileNotFoundError:
             return []
-        gone = [n for n in sorted(names) if f"{folder}/{n}" not in set(keep)]
+        kept = set(keep)
+        gone = [n for n in sorted(names) if f"{folder}/{n}" not in kept]
         for name in gone:
             fs.rm_file(f"{path.rstrip('/')}/{name}")
         return [f"{folder}/{n}" for n in gone]
