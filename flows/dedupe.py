@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +48,9 @@ from flows import reports
 from flows.defaults import COMMIT_ROWS, COMMIT_SECONDS
 from warehouse import schema
 from warehouse.tables import Warehouse
+
+if TYPE_CHECKING:
+    from flows.enrich import Superseded
 
 PRETRAINED_TEXT = "minilm-pretrained"
 CHAR_NGRAMS = "char-ngrams"
@@ -380,17 +383,22 @@ def embed_products(
     ``vectors=False`` only the embedding is done and the first element is None (the stored vectors are not read).
 
     Products whose current content this model version already embedded keep their stored vector; the others are
-    embedded batch by batch through the flow's task runner and merged into ``embeddings`` in groups of
-    ``commit_rows`` products or ``commit_seconds`` of work (a run stopped halfway keeps every group it committed)."""
-    from flows.enrich import CommitGroups, submit_windowed
+    embedded batch by batch through the flow's task runner and appended to ``embeddings`` in groups of
+    ``commit_rows`` products or ``commit_seconds`` of work (a run stopped halfway keeps every group it committed);
+    their old rows are deleted once, at the end (`flows.enrich.Superseded`)."""
+    from flows.enrich import CommitGroups, Superseded, submit_windowed
 
     logger = get_run_logger()
+    pending = Superseded(wh, "embed")
+    left = recover_embeddings(wh, pending)
+    if left:
+        logger.warning("deleted %d embeddings left behind by a run that stopped mid-embed", left)
     hashes = dict(zip(products.column("product_id").to_pylist(), products.column("content_hash").to_pylist(),
                       strict=True))  # fmt: skip
     known_ids: list[str] = []
     matrix = np.zeros((0, 0), np.float32)
     known_rows: np.ndarray | None = None  # known_ids[i]'s vector is matrix[known_rows[i]]
-    stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: every write merges)
+    stored: pa.Array | None = pa.array([], pa.string())  # ids with a row of any model (None: any may have one)
     if wh.exists("embeddings"):
         if full:
             stored = None
@@ -409,19 +417,20 @@ def embed_products(
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
 
+    replaced: list[pa.Table] = []  # (product_id, embedded_at) of the products that had a row, once appended
+
     def write(groups: list[pa.Table]) -> None:
-        # a product with no stored row is appended (a commit whose cost does not grow with the table; one append is
-        # atomic, so a rerun finds it stored); the others are merged on product_id (a scan of the table)
-        table = pa.concat_tables(groups)
-        if stored is None:
-            wh.merge("embeddings", table)
-            return
+        # every new vector is appended (a commit whose cost does not grow with the table; one append is atomic, so a
+        # rerun finds it stored); the old rows of products that had one go when the stage ends (`Superseded`)
         import pyarrow.compute as pc
 
-        fresh = pc.invert(pc.is_in(table.column("product_id"), value_set=stored))
-        wh.append("embeddings", table.filter(fresh))
-        wh.merge("embeddings", table.filter(pc.invert(fresh)))
+        table = pa.concat_tables(groups)
+        wh.append("embeddings", table)
+        had = table if stored is None else table.filter(pc.is_in(table.column("product_id"), value_set=stored))
+        replaced.append(had.select(["product_id", "embedded_at"]))
 
+    if rows.num_rows:
+        pending.begin()
     commits = CommitGroups(write, commit_rows, commit_seconds)
     for (_, sliced), vecs in submit_windowed(embed_batch, batches, window):
         batch = sliced.to_pylist()
@@ -439,7 +448,29 @@ def embed_products(
         done += n
         logger.info("embedded %d / %d products", done, rows.num_rows)
     commits.flush()
+    if replaced:
+        wh.delete_joined("embeddings", pa.concat_tables(replaced), on=("product_id",),
+                         where="t.embedded_at <> s.embedded_at")  # fmt: skip
+    if rows.num_rows:
+        pending.end()
     return known, done
+
+
+def recover_embeddings(wh: Warehouse, pending: Superseded) -> int:
+    """After a run that died mid-embed (a `flows.enrich.Superseded` marker): every product that got a vector since
+    keeps only its newest row; returns how many rows went. No marker: no read at all."""
+    since = pending.since()
+    if since is None:
+        return 0
+    newest = pa.table({"product_id": pa.array([], pa.string()), "embedded_at": pa.array([], schema.TS)})
+    if wh.exists("embeddings"):
+        newest = wh.sql(
+            "SELECT product_id, max(embedded_at) AS embedded_at FROM embeddings WHERE product_id IN "
+            f"(SELECT product_id FROM embeddings WHERE embedded_at >= TIMESTAMPTZ '{since.isoformat()}') GROUP BY 1"
+        )
+    dropped = wh.delete_joined("embeddings", newest, on=("product_id",), where="t.embedded_at <> s.embedded_at")
+    pending.end()
+    return dropped
 
 
 def _vector_matrix(column: pa.ChunkedArray) -> np.ndarray:

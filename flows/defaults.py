@@ -6,7 +6,7 @@
   +150-230 MB from the call's visual features, held at once).
 - ``COMMIT_ROWS`` / ``COMMIT_SECONDS``: predictions or embeddings per Delta commit, or every so many seconds of work,
   whichever comes first (``flows.enrich.CommitGroups``).
-- ``COMMIT_SHARE``: the most of a run's time its commits may take: a commit that took ``w`` seconds (a replaceWhere
+- ``COMMIT_SHARE``: the most of a run's time its commits may take: a commit that took ``w`` seconds (a merge
   rewriting its table) is followed by at least ``w * (1 - share) / share`` seconds of work before the next one. 1.0
   turns this off (commits then follow the rows and seconds alone).
 """

@@ -3,9 +3,10 @@
 Incremental: a product is predicted when it is new, its ``content_hash`` changed, or the model version changed
 since its last prediction (``predicted_products`` keeps that state). Per commit group, one atomic commit per table:
 accepted values (score ≥ the attribute's threshold chosen on validation) go to ``attribute_predictions``, the others
-to ``review_queue`` — nothing is dropped — and the product's previous rows are replaced (replaceWhere), never
-duplicated; a product never predicted before has no rows to replace, so its rows are appended (a commit whose cost
-does not grow with the table). One writer per warehouse at a time (the nightly holds a lock).
+to ``review_queue`` — nothing is dropped. New rows are appended (a commit whose cost does not grow with the table);
+the previous rows of re-predicted products are deleted once, when the stage ends (`Superseded`: one rewrite per table
+per run, not per commit), so a finished run leaves each product exactly its current rows. One writer per warehouse at
+a time (the nightly holds a lock).
 """
 
 from __future__ import annotations
@@ -177,60 +178,110 @@ class PredictionGroup:
                                [p for g in groups for p in g.fresh], [p for g in groups for p in g.before])  # fmt: skip
 
 
+PREDICTION_TABLES = ("review_queue", "attribute_predictions")
+
+
 @task(name="write-predictions", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE,
       persist_result=False)  # fmt: skip
 def write_predictions(wh: Warehouse, group: PredictionGroup) -> None:
-    # Products predicted before have their rows replaced (replaceWhere: a scan of the table per commit). Products
-    # never predicted have no rows, so theirs are appended, a cost that does not grow with the table; rows left by a
-    # run that died before the product's state was written are deleted first (`clear_orphans`).
-    # Review first, predictions second, state last: a crash in between re-predicts the batch on the next run.
+    # Every product's new rows are appended (a commit whose cost does not grow with the table); the old rows of the
+    # products predicted before stay until the stage ends (`Superseded`), then go in one rewrite per table. The
+    # state last: a crash before it re-predicts the batch on the next run, whose start deletes the rows left behind.
     import pyarrow.compute as pc
     from prefect.runtime import task_run
 
-    fresh = pa.array(group.fresh, pa.string())
+    state = group.tables["predicted_products"]
     if task_run.run_count > 1:  # a retry: the failed attempt may have committed some of the appends
-        for table in ("review_queue", "attribute_predictions", "predicted_products"):
-            wh.delete_where(table, "product_id", sorted(group.fresh))
-    for table in ("review_queue", "attribute_predictions", "predicted_products"):
-        out = group.tables[table]
-        is_new = pc.is_in(out.column("product_id"), value_set=fresh)
+        written = state.select(["product_id", "predicted_at"])
+        for table in PREDICTION_TABLES:
+            wh.delete_joined(table, written, on=("product_id", "predicted_at"))
+        wh.delete_where("predicted_products", "product_id", sorted(group.fresh))
+    for table in PREDICTION_TABLES:
         wh.ensure(table)  # exists after the first run even when it holds no rows yet (readers query it)
-        wh.append(table, out.filter(is_new))
-        if table == "predicted_products":
-            wh.merge(table, out.filter(pc.invert(is_new)))
-        else:
-            wh.replace_where(table, out.filter(pc.invert(is_new)), "product_id", group.before)
+        wh.append(table, group.tables[table])
+    is_new = pc.is_in(state.column("product_id"), value_set=pa.array(group.fresh, pa.string()))
+    wh.ensure("predicted_products")
+    wh.append("predicted_products", state.filter(is_new))
+    wh.merge("predicted_products", state.filter(pc.invert(is_new)))
 
 
-def clear_orphans(wh: Warehouse, todo: pa.Table) -> int:
-    """Delete the rows of never-predicted products in ``todo`` that a crashed run appended before it wrote the
-    product's state (they are about to be predicted again, and appended again); returns how many products had some.
-    One scan of each table's ``product_id`` column per run, not per commit."""
-    if todo.num_rows == 0 or "predicted_before" not in todo.column_names:
+class Superseded:
+    """Rows replaced by appending: a stage appends the new rows of the products it recomputes and deletes their old
+    rows once, when it ends, in one commit per table, instead of replacing them commit by commit.
+
+    Why: a replace rewrites every file holding one of the products, i.e. the whole table once the changes are spread
+    (~10 s for ``review_queue`` at 1M products, 26M rows), so a rerun that committed k times paid k rewrites. Now it
+    pays one, whatever its size. Until the stage ends, a recomputed product has its old and new rows side by side;
+    its current rows are those whose timestamp equals its state's (``predicted_products.predicted_at``, the
+    newest ``embeddings.embedded_at``).
+
+    A marker under ``_state/`` holds when the stage began writing, and goes when its old rows are gone: a run that
+    finds one (the last died in between) first deletes what that run left behind (`since`)."""
+
+    def __init__(self, wh: Warehouse, stage: str) -> None:
+        self.wh, self.path = wh, f"_state/{stage}-superseded.json"
+
+    def since(self) -> datetime | None:
+        """When the unfinished stage began writing; None if the last one finished (or none ran)."""
+        import json
+
+        data = self.wh.read_bytes(self.path)
+        return None if data is None else datetime.fromisoformat(json.loads(data)["since"])
+
+    def begin(self) -> None:
+        import json
+
+        self.wh.write_bytes(self.path, json.dumps({"since": datetime.now(UTC).isoformat()}).encode())
+
+    def end(self) -> None:
+        self.wh.delete_file(self.path)
+
+
+def drop_superseded(wh: Warehouse, current: pa.Table) -> int:
+    """Delete the prediction rows of ``current``'s products (``product_id``, ``predicted_at``) other than their current
+    ones; returns how many rows went."""
+    return sum(
+        wh.delete_joined(t, current, on=("product_id",), where="t.predicted_at <> s.predicted_at")
+        for t in PREDICTION_TABLES
+    )
+
+
+def recover_predictions(wh: Warehouse, pending: Superseded) -> int:
+    """After a run that died mid-predict: delete every prediction row written since it began that is not its
+    product's current one (old rows of the products it finished; rows of products whose state it never wrote); returns
+    how many rows went. Nothing to do (no marker): no read at all."""
+    since = pending.since()
+    if since is None:
         return 0
-    import pyarrow.compute as pc
-
-    fresh = todo.filter(pc.invert(todo.column("predicted_before"))).column("product_id").to_pylist()
-    found: set[str] = set()
-    for table in ("review_queue", "attribute_predictions"):
-        orphans = wh.present(table, "product_id", fresh)
-        wh.delete_where(table, "product_id", sorted(orphans))
-        found |= orphans
-    return len(found)
+    for table in (*PREDICTION_TABLES, "predicted_products"):
+        wh.ensure(table)
+    ts = f"TIMESTAMPTZ '{since.isoformat()}'"
+    touched = " UNION ".join(
+        f"SELECT product_id FROM {t} WHERE predicted_at >= {ts}" for t in (*PREDICTION_TABLES, "predicted_products")
+    )
+    current = wh.sql(  # a product with no state keeps no row: the epoch matches none
+        f"WITH touched AS ({touched}) SELECT t.product_id, "
+        "coalesce(d.predicted_at, TIMESTAMPTZ '1970-01-01 00:00:00+00') AS predicted_at "
+        "FROM touched t LEFT JOIN predicted_products d ON d.product_id = t.product_id"
+    )
+    dropped = drop_superseded(wh, current)
+    pending.end()
+    return dropped
 
 
 class CommitGroups:
     """Batch results gathered into fewer, larger Delta commits: ``write(items)`` runs once ``rows`` rows or
     ``seconds`` seconds have piled up since the last commit, and on ``flush``.
 
-    A commit into a Delta table costs about the same whatever it holds (a merge or replaceWhere scans the target,
-    which grows over the run), so one commit per 256-row batch made a 100k-product run spend more time committing
-    than predicting. A commit that replaces rows rewrites every file holding one of them, i.e. the whole table once
-    the products are spread (~9 s for `review_queue` at 1M products): so each commit's own time also sets how much
-    work the next one waits for, ``write_s * (1 - share) / share``, keeping commits at most ``share`` of the run's
-    time (``share``, default ``flows.defaults.COMMIT_SHARE``; a 5% rerun at 1M paid one such rewrite per 16k
-    products: predict took 70.1 s for 50k, 1.7x the full run's rate), up to ``max_rows`` pending rows (default
-    ``8 * rows``, ~600 MB of predictions) whatever the time.
+    A commit into a Delta table costs about the same whatever it holds (a merge scans the target, which grows over
+    the run), so one commit per 256-row batch made a 100k-product run spend more time committing than predicting.
+    A commit that replaces rows rewrites every file holding one of them, i.e. the whole table once the products are
+    spread (~9 s for `review_queue` at 1M products, when predictions were replaced per commit; now only the merge
+    into `predicted_products` does): so each commit's own time also sets how much work the next one waits for,
+    ``write_s * (1 - share) / share``, keeping commits at most ``share`` of the run's time (``share``, default
+    ``flows.defaults.COMMIT_SHARE``; a 5% rerun at 1M that paid one such rewrite per 16k products took 70.1 s to
+    predict 50k, 1.7x the full run's rate), up to ``max_rows`` pending rows (default ``8 * rows``, ~600 MB of
+    predictions) whatever the time.
 
     Grouping keeps the restart guarantee in a weaker form: a run stopped halfway keeps every group it committed and
     redoes at most ``max(seconds, write_s * (1 - share) / share)`` of work (nothing is lost: the uncommitted products
@@ -308,13 +359,22 @@ def predict_products(
     n_acc = n_rev = done = 0
     attrs: dict[str, int] = {}
 
-    def write(groups: list[PredictionGroup]) -> None:
-        # quote: Prefect would otherwise walk the group looking for futures
-        write_predictions(wh, quote(PredictionGroup.concat(groups)))
+    replaced: list[pa.Table] = []  # (product_id, predicted_at) of the products predicted before, once committed
 
-    orphans = clear_orphans(wh, todo)
-    if orphans:
-        logger.warning("deleted the rows of %d products left by a run that stopped before writing their state", orphans)
+    def write(groups: list[PredictionGroup]) -> None:
+        import pyarrow.compute as pc
+
+        group = PredictionGroup.concat(groups)
+        write_predictions(wh, quote(group))  # quote: Prefect would otherwise walk the group looking for futures
+        state = group.tables["predicted_products"].select(["product_id", "predicted_at"])
+        replaced.append(state.filter(pc.is_in(state.column(0), value_set=pa.array(group.before, pa.string()))))
+
+    pending = Superseded(wh, "predict")
+    left = recover_predictions(wh, pending)
+    if left:
+        logger.warning("deleted %d prediction rows left behind by a run that stopped mid-predict", left)
+    if todo.num_rows:
+        pending.begin()
     commits = CommitGroups(write, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
     batches = ((ref, todo.slice(s, batch_size)) for s in range(0, todo.num_rows, batch_size))
@@ -330,6 +390,10 @@ def predict_products(
         done += len(rows)
         logger.info("predicted %d / %d products", done, todo.num_rows)
     commits.flush()
+    if replaced:
+        drop_superseded(wh, pa.concat_tables(replaced))
+    if todo.num_rows:
+        pending.end()
     return {"products": todo.num_rows, "commits": commits.commits, "values_accepted": n_acc, "values_in_review": n_rev,
             "per_attribute": attrs}  # fmt: skip
 

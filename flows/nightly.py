@@ -363,9 +363,9 @@ def nightly(
         min_linkage: the clustering's merge rule (`features.similarity.cluster`): the share of the cross pairs of
             two clusters that must be duplicates for them to merge.
         batch_size: rows per model batch; ``commit_rows``: about how many products each Delta commit of predictions
-            and embeddings holds (also committed every 30 s; a stopped run redoes at most one group). A commit that
-            replaces rows rewrites its table, ~12 s for ``review_queue`` at 1M products, so a 1% rerun at 1M is one
-            commit per table, not three; a group is held as Arrow columns (~4.5 KB a product with 21 values).
+            and embeddings holds (also committed every 30 s; a stopped run redoes at most one group). Rows are
+            appended; re-predicted products' old rows are deleted once per stage (`flows.enrich.Superseded`); a
+            group is held as Arrow columns (~4.5 KB a product with 21 values).
         runner: ``default`` (Prefect's thread pool) or ``dask`` (``dask_address``, or a LocalCluster).
         resume: continue the last run if it did not finish (killed or failed); False starts a new one.
         lock: ``auto`` | ``file`` | ``prefect`` | ``none`` (see `nightly_lock`); ``wait_s``: how long to wait for it.

@@ -58,6 +58,23 @@ def _assert_same(a: dict, b: dict) -> None:
     assert a["duplicates"] == b["duplicates"] and a["clusters"] == b["clusters"]
 
 
+def _edited_catalog(source: Path, out: Path, n: int) -> Path:
+    """``source`` with the titles of its first ``n`` valid products edited."""
+    lines = source.read_bytes().splitlines()  # the planted bad rows include invalid UTF-8
+    changed = 0
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("name"), str) and row.get("sku") and changed < n:
+            row["name"] += " (2027 edition)"
+            lines[i] = json.dumps(row).encode()
+            changed += 1
+    out.write_bytes(b"\n".join(lines) + b"\n")
+    return out
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, prefect_harness):
     """A catalog, a tiny champion JAVE trained on it, and one reference nightly run (default runner)."""
@@ -121,19 +138,7 @@ def test_incremental_run_touches_only_changed_products(base, tmp_path):
 
     wh_root = str(tmp_path / "wh")
     shutil.copytree(base["ref_wh"], wh_root)
-    lines = base["catalog"].read_bytes().splitlines()  # the planted bad rows include invalid UTF-8
-    changed = 0
-    for i, line in enumerate(lines):  # change 1% of the products (2 of 200)
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("name"), str) and row.get("sku") and changed < 2:
-            row["name"] += " (2027 edition)"
-            lines[i] = json.dumps(row).encode()
-            changed += 1
-    catalog = tmp_path / "catalog.jsonl"
-    catalog.write_bytes(b"\n".join(lines) + b"\n")
+    catalog = _edited_catalog(base["catalog"], tmp_path / "catalog.jsonl", 2)  # 1% of the products (2 of 200)
 
     s = _run(wh_root, catalog)
     assert s["status"] == "succeeded" and s["watermark_from"] == base["summary"]["watermark_to"]
@@ -224,6 +229,59 @@ def test_crash_between_appended_rows_and_state_leaves_no_duplicates(base, tmp_pa
     s = _run(wh_root, base["catalog"])
     assert s["predicted_products"] == wh.read("products").num_rows - 2 * 64
     _assert_same(_snapshot(wh_root), base["snapshot"])
+
+
+@pytest.mark.parametrize("stage", ["predict", "embed"])
+def test_rerun_killed_mid_stage_leaves_each_product_its_current_rows(stage, base, tmp_path, monkeypatch):
+    """A rerun appends the new rows of re-predicted / re-embedded products and deletes their old rows when the stage
+    ends. Killed after some commits, it leaves both side by side; the next run deletes the old ones first, and ends
+    with the tables a rerun that was never killed writes."""
+    import flows.enrich as enrich_mod
+    from warehouse.tables import Warehouse
+
+    monkeypatch.setattr(enrich_mod, "COMMIT_SHARE", 1.0)  # commits every 64 products, however long one takes
+    catalog = _edited_catalog(base["catalog"], tmp_path / "catalog.jsonl", 150)
+    clean = str(tmp_path / "clean")
+    shutil.copytree(base["ref_wh"], clean)
+    s = _run(clean, catalog)
+    assert s["predicted_products"] == s["embedded"] > 2 * 64, "three commit groups (some edited rows are invalid)"
+    expected = _snapshot(clean)
+    assert expected["predictions"] != base["snapshot"]["predictions"], "the edits change the predictions"
+
+    wh_root = str(tmp_path / "wh")
+    shutil.copytree(base["ref_wh"], wh_root)
+    table = {"predict": "attribute_predictions", "embed": "embeddings"}[stage]
+    original, calls = Warehouse.append, {"n": 0}
+
+    def dies_at_third_commit(self, name, data):
+        if name == table:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError(f"killed mid-{stage}")
+        return original(self, name, data)
+
+    monkeypatch.setattr(Warehouse, "append", dies_at_third_commit)
+    monkeypatch.setattr(enrich_mod, "write_predictions", enrich_mod.write_predictions.with_options(retries=0))
+    with pytest.raises(RuntimeError, match=f"killed mid-{stage}"):
+        _run(wh_root, catalog)
+    wh = Warehouse(wh_root)
+    assert wh.read_bytes(f"_state/{stage}-superseded.json") is not None
+    if stage == "predict":
+        preds = wh.read("attribute_predictions").to_pylist() + wh.read("review_queue").to_pylist()
+        assert len({p["prediction_id"] for p in preds}) < len(preds), "old and new rows side by side"
+    else:
+        ids = wh.read("embeddings", columns=["product_id"]).column(0).to_pylist()
+        assert 0 < len(ids) - len(set(ids)) < s["embedded"], "the committed groups' old vectors are still there"
+
+    monkeypatch.setattr(Warehouse, "append", original)
+    s = _run(wh_root, catalog)
+    assert s["status"] == "succeeded"
+    assert wh.read_bytes(f"_state/{stage}-superseded.json") is None
+    _assert_same(_snapshot(wh_root), expected)
+    preds = wh.read("attribute_predictions").to_pylist() + wh.read("review_queue").to_pylist()
+    assert len({p["prediction_id"] for p in preds}) == len(preds)
+    ids = wh.read("embeddings", columns=["product_id"]).column(0).to_pylist()
+    assert len(set(ids)) == len(ids)
 
 
 def test_one_nightly_at_a_time(base, tmp_path):

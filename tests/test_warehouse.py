@@ -360,3 +360,42 @@ def test_replace_and_delete_with_a_predicate_of_60k_ids(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], timeout=300)  # fmt: skip
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.stdout.strip().splitlines()[-1] == "[('p1', 'Navy')]"
+
+
+def test_delete_joined_deletes_only_the_matching_rows_and_a_noop_writes_nothing(tmp_path):
+    from datetime import timedelta
+
+    from warehouse.schema import ATTRIBUTE_PREDICTIONS
+
+    wh = Warehouse(tmp_path / "wh")
+    old, new = NOW, NOW + timedelta(hours=1)
+
+    def row(pid: str, value: str, at: datetime) -> dict:
+        return dict(prediction_id=f"{pid}|Colour|{value}", product_id=pid, attribute="Colour", value=value,
+                    field="title", begin=0, end=3, score=0.9, threshold=0.5, kind="extracted", content_hash="h",
+                    model_name="jave", model_version="1", mlflow_run_id="r", predicted_at=at)  # fmt: skip
+
+    rows = [row("p1", "Red", old), row("p1", "Navy", new), row("p2", "Red", old), row("p3", "Red", old)]
+    wh.append("attribute_predictions", pa.Table.from_pylist(rows, ATTRIBUTE_PREDICTIONS))
+    current = pa.table({"product_id": ["p1", "p2"], "predicted_at": pa.array([new, old], schema.TS)})
+    where = "t.predicted_at <> s.predicted_at"
+    assert wh.delete_joined("attribute_predictions", current, on=("product_id",), where=where) == 1
+    left = sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist())
+    assert left == [("p1", "Navy"), ("p2", "Red"), ("p3", "Red")], "p3 is not in the source: untouched"
+
+    version = wh.version("attribute_predictions")
+    assert wh.delete_joined("attribute_predictions", current, on=("product_id",), where=where) == 0
+    assert wh.version("attribute_predictions") == version, "nothing to delete commits nothing"
+    assert wh.delete_joined("attribute_predictions", current.slice(0, 0), on=("product_id",)) == 0
+    # on two columns: exactly the rows written at that time
+    assert wh.delete_joined("attribute_predictions", current, on=("product_id", "predicted_at")) == 2
+    assert [r["product_id"] for r in wh.read("attribute_predictions").to_pylist()] == ["p3"]
+    assert wh.delete_joined("review_queue", current, on=("product_id",)) == 0, "no table: nothing to delete"
+
+
+def test_a_marker_file_is_deleted_and_deleting_a_missing_one_is_fine(tmp_path):
+    wh = Warehouse(tmp_path / "wh")
+    wh.write_bytes("_state/x.json", b"{}")
+    wh.delete_file("_state/x.json")
+    assert wh.read_bytes("_state/x.json") is None
+    wh.delete_file("_state/x.json")

@@ -6,6 +6,7 @@ Merges are keyed (``schema.*_KEY``), so replaying the same input leaves identica
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -154,6 +155,20 @@ class Warehouse:
         if values and self.exists(table):
             _with_stack_for(len(values), self.table(table).delete, _in_list(column, values))
 
+    def delete_joined(self, table: str, rows: pa.Table, on: Sequence[str], where: str | None = None) -> int:
+        """Delete the target rows that match a row of ``rows`` (columns of the table) on the ``on`` columns and, if
+        given, satisfy ``where`` (SQL over ``t`` target and ``s`` source); returns how many were deleted. One commit
+        (a merge: a hash join, so unlike ``delete_where`` no predicate grows with ``rows``); it rewrites every file
+        holding a deleted row, and nothing to delete writes nothing."""
+        if rows.num_rows == 0 or not self.exists(table):
+            return 0
+        target = schema.TABLES[table]
+        source = rows.cast(pa.schema([target.field(c) for c in rows.column_names]))
+        merger = self.table(table).merge(
+            source, predicate=" AND ".join(f"t.{c} = s.{c}" for c in on), source_alias="s", target_alias="t"
+        )
+        return int(merger.when_matched_delete(predicate=where).execute().get("num_target_rows_deleted", 0))
+
     def present(self, table: str, column: str, values: Sequence[str]) -> set[str]:
         """Which of ``values`` occur in ``column`` of ``table`` (one streaming scan of that column alone)."""
         if not values or not self.exists(table):
@@ -247,6 +262,14 @@ class Warehouse:
             return fs.cat_file(path)
         except FileNotFoundError:
             return None
+
+    def delete_file(self, relpath: str) -> None:
+        """Delete a file written by `write_bytes` (nothing to do when there is none)."""
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.uri(relpath), **_fsspec_kwargs(self))
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
 
     def delete_files(self, folder: str, keep: Sequence[str] = ()) -> list[str]:
         """Delete the files written by `write_bytes` directly under ``folder`` except the paths in ``keep``
