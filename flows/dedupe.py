@@ -47,7 +47,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import reports
 from flows.defaults import COMMIT_ROWS, COMMIT_SECONDS
 from warehouse import schema
-from warehouse.tables import Warehouse
+from warehouse.tables import Warehouse, ts_literal
 
 if TYPE_CHECKING:
     from flows.enrich import Superseded
@@ -417,7 +417,7 @@ def embed_products(
     batches = ((ref, rows.slice(s, batch_size)) for s in range(0, rows.num_rows, batch_size))
     done = 0
 
-    replaced: list[pa.Table] = []  # (product_id, embedded_at) of the products that had a row, once appended
+    replaced: list[str] = []  # the products that had a row, once their new one is appended
 
     def write(groups: list[pa.Table]) -> None:
         # every new vector is appended (a commit whose cost does not grow with the table; one append is atomic, so a
@@ -426,11 +426,10 @@ def embed_products(
 
         table = pa.concat_tables(groups)
         wh.append("embeddings", table)
-        had = table if stored is None else table.filter(pc.is_in(table.column("product_id"), value_set=stored))
-        replaced.append(had.select(["product_id", "embedded_at"]))
+        ids = table.column("product_id")
+        replaced.extend((ids if stored is None else ids.filter(pc.is_in(ids, value_set=stored))).to_pylist())
 
-    if rows.num_rows:
-        pending.begin()
+    since = pending.begin() if rows.num_rows else None
     commits = CommitGroups(write, commit_rows, commit_seconds)
     for (_, sliced), vecs in submit_windowed(embed_batch, batches, window):
         batch = sliced.to_pylist()
@@ -448,27 +447,25 @@ def embed_products(
         done += n
         logger.info("embedded %d / %d products", done, rows.num_rows)
     commits.flush()
-    if replaced:
-        wh.delete_joined("embeddings", pa.concat_tables(replaced), on=("product_id",),
-                         where="t.embedded_at <> s.embedded_at")  # fmt: skip
-    if rows.num_rows:
+    if since is not None:
+        started = time.perf_counter()
+        dropped = wh.delete_where("embeddings", "product_id", replaced, also=f"embedded_at < {ts_literal(since)}")
+        logger.info("deleted %d superseded embeddings in %.1f s", dropped, time.perf_counter() - started)
         pending.end()
     return known, done
 
 
 def recover_embeddings(wh: Warehouse, pending: Superseded) -> int:
-    """After a run that died mid-embed (a `flows.enrich.Superseded` marker): every product that got a vector since
-    keeps only its newest row; returns how many rows went. No marker: no read at all."""
+    """After a run that died mid-embed (a `flows.enrich.Superseded` marker): the products it gave a vector keep only
+    that one; returns how many rows went. No marker: no read at all."""
     since = pending.since()
     if since is None:
         return 0
-    newest = pa.table({"product_id": pa.array([], pa.string()), "embedded_at": pa.array([], schema.TS)})
+    dropped = 0
     if wh.exists("embeddings"):
-        newest = wh.sql(
-            "SELECT product_id, max(embedded_at) AS embedded_at FROM embeddings WHERE product_id IN "
-            f"(SELECT product_id FROM embeddings WHERE embedded_at >= TIMESTAMPTZ '{since.isoformat()}') GROUP BY 1"
-        )
-    dropped = wh.delete_joined("embeddings", newest, on=("product_id",), where="t.embedded_at <> s.embedded_at")
+        ts = f"TIMESTAMPTZ '{since.isoformat()}'"
+        ids = wh.sql(f"SELECT DISTINCT product_id FROM embeddings WHERE embedded_at >= {ts}").column(0).to_pylist()
+        dropped = wh.delete_where("embeddings", "product_id", ids, also=f"embedded_at < {ts_literal(since)}")
     pending.end()
     return dropped
 

@@ -29,7 +29,7 @@ from prefect.utilities.annotations import quote
 from flows import reports, tracking
 from flows.defaults import BATCH_ROWS, COMMIT_ROWS, COMMIT_SECONDS, COMMIT_SHARE
 from warehouse import schema
-from warehouse.tables import Warehouse
+from warehouse.tables import Warehouse, ts_literal
 
 
 @dataclass(frozen=True)
@@ -191,10 +191,11 @@ def write_predictions(wh: Warehouse, group: PredictionGroup) -> None:
     from prefect.runtime import task_run
 
     state = group.tables["predicted_products"]
-    if task_run.run_count > 1:  # a retry: the failed attempt may have committed some of the appends
-        written = state.select(["product_id", "predicted_at"])
+    if task_run.run_count > 1 and state.num_rows:  # a retry: the failed attempt may have committed some appends
+        since = ts_literal(pc.min(state.column("predicted_at")).as_py())  # the group's rows are this new or newer
+        ids = state.column("product_id").to_pylist()
         for table in PREDICTION_TABLES:
-            wh.delete_joined(table, written, on=("product_id", "predicted_at"))
+            wh.delete_where(table, "product_id", ids, also=f"predicted_at >= {since}")
         wh.delete_where("predicted_products", "product_id", sorted(group.fresh))
     for table in PREDICTION_TABLES:
         wh.ensure(table)  # exists after the first run even when it holds no rows yet (readers query it)
@@ -228,43 +229,43 @@ class Superseded:
         data = self.wh.read_bytes(self.path)
         return None if data is None else datetime.fromisoformat(json.loads(data)["since"])
 
-    def begin(self) -> None:
+    def begin(self) -> datetime:
+        """Record that the stage starts writing now; returns that time (every row it writes is this new or newer)."""
         import json
 
-        self.wh.write_bytes(self.path, json.dumps({"since": datetime.now(UTC).isoformat()}).encode())
+        now = datetime.now(UTC)
+        self.wh.write_bytes(self.path, json.dumps({"since": now.isoformat()}).encode())
+        return now
 
     def end(self) -> None:
         self.wh.delete_file(self.path)
 
 
-def drop_superseded(wh: Warehouse, current: pa.Table) -> int:
-    """Delete the prediction rows of ``current``'s products (``product_id``, ``predicted_at``) other than their current
-    ones; returns how many rows went."""
+def drop_superseded(wh: Warehouse, ids: list[str], since: datetime) -> int:
+    """Delete the prediction rows of products ``ids`` written before ``since`` (their rows from earlier runs: every
+    row of this run is newer); returns how many rows went."""
     return sum(
-        wh.delete_joined(t, current, on=("product_id",), where="t.predicted_at <> s.predicted_at")
-        for t in PREDICTION_TABLES
+        wh.delete_where(t, "product_id", ids, also=f"predicted_at < {ts_literal(since)}") for t in PREDICTION_TABLES
     )
 
 
 def recover_predictions(wh: Warehouse, pending: Superseded) -> int:
-    """After a run that died mid-predict: delete every prediction row written since it began that is not its
-    product's current one (old rows of the products it finished; rows of products whose state it never wrote); returns
-    how many rows went. Nothing to do (no marker): no read at all."""
+    """After a run that died mid-predict (its marker is there): delete the old rows of the products whose state it
+    wrote, and the rows it appended for products whose state it did not write; returns how many rows went. No
+    marker: no read at all."""
     since = pending.since()
     if since is None:
         return 0
     for table in (*PREDICTION_TABLES, "predicted_products"):
         wh.ensure(table)
     ts = f"TIMESTAMPTZ '{since.isoformat()}'"
-    touched = " UNION ".join(
-        f"SELECT product_id FROM {t} WHERE predicted_at >= {ts}" for t in (*PREDICTION_TABLES, "predicted_products")
-    )
-    current = wh.sql(  # a product with no state keeps no row: the epoch matches none
-        f"WITH touched AS ({touched}) SELECT t.product_id, "
-        "coalesce(d.predicted_at, TIMESTAMPTZ '1970-01-01 00:00:00+00') AS predicted_at "
-        "FROM touched t LEFT JOIN predicted_products d ON d.product_id = t.product_id"
-    )
-    dropped = drop_superseded(wh, current)
+    done = f"SELECT product_id FROM predicted_products WHERE predicted_at >= {ts}"
+    finished = wh.sql(done).column(0).to_pylist()
+    dropped = drop_superseded(wh, finished, since)
+    for table in PREDICTION_TABLES:
+        stateless = wh.sql(f"SELECT DISTINCT product_id FROM {table} WHERE predicted_at >= {ts} EXCEPT {done}")
+        ids = stateless.column(0).to_pylist()
+        dropped += wh.delete_where(table, "product_id", ids, also=f"predicted_at >= {ts_literal(since)}")
     pending.end()
     return dropped
 
@@ -359,22 +360,18 @@ def predict_products(
     n_acc = n_rev = done = 0
     attrs: dict[str, int] = {}
 
-    replaced: list[pa.Table] = []  # (product_id, predicted_at) of the products predicted before, once committed
+    replaced: list[str] = []  # the products predicted before, once their new rows are committed
 
     def write(groups: list[PredictionGroup]) -> None:
-        import pyarrow.compute as pc
-
         group = PredictionGroup.concat(groups)
         write_predictions(wh, quote(group))  # quote: Prefect would otherwise walk the group looking for futures
-        state = group.tables["predicted_products"].select(["product_id", "predicted_at"])
-        replaced.append(state.filter(pc.is_in(state.column(0), value_set=pa.array(group.before, pa.string()))))
+        replaced.extend(group.before)
 
     pending = Superseded(wh, "predict")
     left = recover_predictions(wh, pending)
     if left:
         logger.warning("deleted %d prediction rows left behind by a run that stopped mid-predict", left)
-    if todo.num_rows:
-        pending.begin()
+    since = pending.begin() if todo.num_rows else None
     commits = CommitGroups(write, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
     batches = ((ref, todo.slice(s, batch_size)) for s in range(0, todo.num_rows, batch_size))
@@ -390,9 +387,10 @@ def predict_products(
         done += len(rows)
         logger.info("predicted %d / %d products", done, todo.num_rows)
     commits.flush()
-    if replaced:
-        drop_superseded(wh, pa.concat_tables(replaced))
-    if todo.num_rows:
+    if since is not None:
+        started = time.perf_counter()
+        dropped = drop_superseded(wh, replaced, since)
+        logger.info("deleted %d superseded prediction rows in %.1f s", dropped, time.perf_counter() - started)
         pending.end()
     return {"products": todo.num_rows, "commits": commits.commits, "values_accepted": n_acc, "values_in_review": n_rev,
             "per_attribute": attrs}  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -362,13 +362,15 @@ def test_replace_and_delete_with_a_predicate_of_60k_ids(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "[('p1', 'Navy')]"
 
 
-def test_delete_joined_deletes_only_the_matching_rows_and_a_noop_writes_nothing(tmp_path):
+def test_delete_where_with_a_time_predicate_deletes_only_the_older_rows(tmp_path, monkeypatch):
     from datetime import timedelta
 
+    import warehouse.tables as tables
     from warehouse.schema import ATTRIBUTE_PREDICTIONS
+    from warehouse.tables import ts_literal
 
     wh = Warehouse(tmp_path / "wh")
-    old, new = NOW, NOW + timedelta(hours=1)
+    old, new = NOW, NOW + timedelta(microseconds=1)
 
     def row(pid: str, value: str, at: datetime) -> dict:
         return dict(prediction_id=f"{pid}|Colour|{value}", product_id=pid, attribute="Colour", value=value,
@@ -377,20 +379,21 @@ def test_delete_joined_deletes_only_the_matching_rows_and_a_noop_writes_nothing(
 
     rows = [row("p1", "Red", old), row("p1", "Navy", new), row("p2", "Red", old), row("p3", "Red", old)]
     wh.append("attribute_predictions", pa.Table.from_pylist(rows, ATTRIBUTE_PREDICTIONS))
-    current = pa.table({"product_id": ["p1", "p2"], "predicted_at": pa.array([new, old], schema.TS)})
-    where = "t.predicted_at <> s.predicted_at"
-    assert wh.delete_joined("attribute_predictions", current, on=("product_id",), where=where) == 1
+    monkeypatch.setattr(tables, "DELETE_CHUNK", 1)  # one commit per value
+    version = wh.version("attribute_predictions")
+    older = f"predicted_at < {ts_literal(new)}"
+    assert wh.delete_where("attribute_predictions", "product_id", ["p1", "p2"], also=older) == 2
+    assert wh.version("attribute_predictions") == version + 2, "two chunks of one value: two commits"
     left = sorted((r["product_id"], r["value"]) for r in wh.read("attribute_predictions").to_pylist())
-    assert left == [("p1", "Navy"), ("p2", "Red"), ("p3", "Red")], "p3 is not in the source: untouched"
+    assert left == [("p1", "Navy"), ("p3", "Red")], "one microsecond newer is kept; p3 is not listed"
 
     version = wh.version("attribute_predictions")
-    assert wh.delete_joined("attribute_predictions", current, on=("product_id",), where=where) == 0
+    assert wh.delete_where("attribute_predictions", "product_id", ["p1", "p2"], also=older) == 0
     assert wh.version("attribute_predictions") == version, "nothing to delete commits nothing"
-    assert wh.delete_joined("attribute_predictions", current.slice(0, 0), on=("product_id",)) == 0
-    # on two columns: exactly the rows written at that time
-    assert wh.delete_joined("attribute_predictions", current, on=("product_id", "predicted_at")) == 2
-    assert [r["product_id"] for r in wh.read("attribute_predictions").to_pylist()] == ["p3"]
-    assert wh.delete_joined("review_queue", current, on=("product_id",)) == 0, "no table: nothing to delete"
+    newer = f"predicted_at >= {ts_literal(new.astimezone(timezone(timedelta(hours=5))))}"  # any zone: same instant
+    assert wh.delete_where("attribute_predictions", "product_id", ["p1", "p3"], also=newer) == 1
+    assert [r["value"] for r in wh.read("attribute_predictions").to_pylist()] == ["Red"]
+    assert wh.delete_where("review_queue", "product_id", ["p1"]) == 0, "no table: nothing to delete"
 
 
 def test_a_marker_file_is_deleted_and_deleting_a_missing_one_is_fine(tmp_path):
