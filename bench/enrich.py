@@ -162,15 +162,7 @@ def _env() -> dict[str, str]:
 
 def run_variant(args: argparse.Namespace) -> dict:
     from features.onnx_backend import OnnxModule
-    from flows.enrich import (
-        CommitGroups,
-        ModelRef,
-        PredictionGroup,
-        prediction_tables,
-        prepare_enricher,
-        products_to_predict,
-        write_predictions,
-    )
+    from flows.enrich import ModelRef, PredictionWriter, prediction_tables, prepare_enricher, products_to_predict
     from flows.jave_pyfunc import JaveEnricher
     from warehouse.tables import Warehouse
 
@@ -196,10 +188,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     query_s = time.perf_counter() - started
     n_values, predict_s = 0, 0.0
 
-    def write(groups: list[PredictionGroup]) -> None:  # the flow's grouped commits (predict_products)
-        write_predictions.fn(wh, PredictionGroup.concat(groups))
-
-    commits = CommitGroups(write, COMMIT_ROWS, COMMIT_SECONDS)
+    writer = PredictionWriter(wh, n > 0, as_task=False)  # the flow's commits and deletes (predict_products)
     for start in range(0, n, FLOW_BATCH):
         rows = todo.slice(start, min(FLOW_BATCH, n - start)).to_pylist()
         for r in rows:
@@ -207,9 +196,9 @@ def run_variant(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         preds = naive_predict(enricher, rows) if args.variant == "naive" else enricher.predict_rows(rows)
         predict_s += time.perf_counter() - t
-        commits.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
+        writer.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
         n_values += len(preds)
-    commits.flush()
+    writer.close()
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     out = {
         "variant": args.variant, "products": n, "values": n_values, "seconds": round(seconds, 2),
@@ -217,7 +206,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         "predict_s": round(predict_s, 2), "write_s": round(seconds - query_s - predict_s, 2),
         # the CPU time of all threads per product: steadier than wall time on a shared host (steal, neighbours)
         "cpu_ms_per_product": round(1000 * cpu_s / n, 2),
-        "predict_products_per_s": round(n / predict_s, 2), "commits": commits.commits,
+        "predict_products_per_s": round(n / predict_s, 2), "commits": writer.commits.commits,
         "device": str(enricher.device), "autocast": str(enricher.dtype) if args.variant != "naive" else None,
         "backend": enricher.backend if args.variant != "naive" else "torch", "precision": enricher.precision,
         "text_tower": "onnx" if isinstance(enricher.text_runtime, OnnxModule) and args.variant != "naive" else "torch",

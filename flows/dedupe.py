@@ -30,7 +30,6 @@ their vectors; ``refit`` fits again, which re-embeds everything).
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -550,7 +549,9 @@ def _stored_cells(wh: Warehouse, g: pa.Table):
     blob = wh.read_bytes(refs[0]) if len(refs) == 1 else None
     if blob is None:
         if len(refs) == 1:
-            _logger().warning("the graph's IVF centroids %s are missing: this update searches exactly", refs[0])
+            reports.run_logger().warning(
+                "the graph's IVF centroids %s are missing: this update searches exactly", refs[0]
+            )
         return None, None
     state = load(blob)
     cell = g.column("ivf_cell").to_numpy().astype(np.int32)
@@ -589,14 +590,6 @@ def _stored_graph(wh: Warehouse, label: str):
     cells, ref = _stored_cells(wh, g)
     graph = NeighborGraph(ids=np.array(ids, dtype=object), neighbors=nb, scores=sc, cells=cells)
     return graph, dict(zip(ids, g.column("content_hash").to_pylist(), strict=True)), ref
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run logger inside a flow or task (it shows in the UI), the module's logger outside one."""
-    try:
-        return get_run_logger()
-    except Exception:  # MissingContextError: called as a library
-        return logging.getLogger(__name__)
 
 
 def find_duplicates(
@@ -651,7 +644,7 @@ def find_duplicates(
         index = build_index(x, kind="ivf")
         ann["nprobe"], ann["recall"] = tune_nprobe(index, x, depth, target_recall=target_recall)
         if ann["recall"] < target_recall:
-            _logger().warning(
+            reports.run_logger().warning(
                 "approximate search reaches recall@%d %.3f of the target %.2f at nprobe %d (the cap on its cost); "
                 "raise --exact-max to %d for exact search, or use embeddings that separate products better",
                 depth, ann["recall"], target_recall, ann["nprobe"], len(x))  # fmt: skip

@@ -326,6 +326,48 @@ class CommitGroups:
         self.pending, self.pending_rows, self._since = [], 0, time.perf_counter()
 
 
+class PredictionWriter:
+    """The enrichment's writes: prediction groups committed in `CommitGroups` by `write_predictions` (appends), and
+    the old rows of the re-predicted products deleted when the writer closes (`Superseded`). Opening it first
+    deletes what a run killed mid-predict left behind; ``writes=False`` (nothing to predict) writes nothing else.
+    ``as_task=False`` runs `write_predictions` as a plain function (no Prefect task run per commit: benchmarks)."""
+
+    def __init__(self, wh: Warehouse, writes: bool = True, rows: int = COMMIT_ROWS, seconds: float = COMMIT_SECONDS,
+                 *, as_task: bool = True) -> None:  # fmt: skip
+        self.wh, self.pending, self.replaced, self.as_task = wh, Superseded(wh, "predict"), [], as_task
+        left = recover_predictions(wh, self.pending)
+        if left:
+            reports.run_logger().warning("deleted %d prediction rows left behind by a run killed mid-predict", left)
+        self.since = self.pending.begin() if writes else None
+        self.commits = CommitGroups(self._write, rows, seconds)
+
+    def _write(self, groups: list[PredictionGroup]) -> None:
+        group = PredictionGroup.concat(groups)
+        if self.as_task:
+            write_predictions(self.wh, quote(group))  # quote: Prefect would otherwise walk the group for futures
+        else:
+            write_predictions.fn(self.wh, group)
+        self.replaced.extend(group.before)  # predicted before: their old rows go at the end
+
+    def add(self, group: PredictionGroup, n_rows: int) -> None:
+        if self.since is None:
+            raise RuntimeError("this PredictionWriter was opened with writes=False")
+        self.commits.add(group, n_rows)
+
+    def close(self) -> int:
+        """Commit what is pending, then delete the re-predicted products' old rows; returns how many went."""
+        self.commits.flush()
+        if self.since is None:
+            return 0
+        started = time.perf_counter()
+        dropped = drop_superseded(self.wh, self.replaced, self.since)
+        reports.run_logger().info(
+            "deleted %d superseded prediction rows in %.1f s", dropped, time.perf_counter() - started
+        )
+        self.pending.end()
+        return dropped
+
+
 def submit_windowed(fn: Any, items: Iterable[Any], window: int) -> Iterator[tuple[Any, Any]]:
     """``(item, result)`` of ``fn.submit(*item)`` for every item, keeping at most ``window`` futures in flight (memory
     stays flat in catalog size whatever the task runner: threads, or Dask workers); results come in submit order.
@@ -360,24 +402,12 @@ def predict_products(
     n_acc = n_rev = done = 0
     attrs: dict[str, int] = {}
 
-    replaced: list[str] = []  # the products predicted before, once their new rows are committed
-
-    def write(groups: list[PredictionGroup]) -> None:
-        group = PredictionGroup.concat(groups)
-        write_predictions(wh, quote(group))  # quote: Prefect would otherwise walk the group looking for futures
-        replaced.extend(group.before)
-
-    pending = Superseded(wh, "predict")
-    left = recover_predictions(wh, pending)
-    if left:
-        logger.warning("deleted %d prediction rows left behind by a run that stopped mid-predict", left)
-    since = pending.begin() if todo.num_rows else None
-    commits = CommitGroups(write, commit_rows, commit_seconds)
+    writer = PredictionWriter(wh, todo.num_rows > 0, commit_rows, commit_seconds)
     # batches travel as Arrow slices: cheap to ship to a Dask worker, and Prefect does not walk them row by row
     batches = ((ref, todo.slice(s, batch_size)) for s in range(0, todo.num_rows, batch_size))
     for (_, batch), preds in submit_windowed(predict_batch, batches, window):
         rows = batch.to_pylist()
-        commits.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
+        writer.add(prediction_tables(rows, preds, meta, datetime.now(UTC)), len(rows))
         for p in preds:
             if p["accepted"]:
                 n_acc += 1
@@ -386,14 +416,9 @@ def predict_products(
                 n_rev += 1
         done += len(rows)
         logger.info("predicted %d / %d products", done, todo.num_rows)
-    commits.flush()
-    if since is not None:
-        started = time.perf_counter()
-        dropped = drop_superseded(wh, replaced, since)
-        logger.info("deleted %d superseded prediction rows in %.1f s", dropped, time.perf_counter() - started)
-        pending.end()
-    return {"products": todo.num_rows, "commits": commits.commits, "values_accepted": n_acc, "values_in_review": n_rev,
-            "per_attribute": attrs}  # fmt: skip
+    writer.close()
+    return {"products": todo.num_rows, "commits": writer.commits.commits, "values_accepted": n_acc,
+            "values_in_review": n_rev, "per_attribute": attrs}  # fmt: skip
 
 
 @task(name="featurize-batch", cache_policy=NO_CACHE, persist_result=False)

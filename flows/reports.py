@@ -1,10 +1,22 @@
-"""Report artifacts for MLflow runs: markdown tables, per-attribute F1 bar charts, confusion heatmaps (PNG)."""
+"""Report artifacts for MLflow runs: markdown tables, per-attribute F1 bar charts, confusion heatmaps (PNG); the
+run logger."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task (it shows in the UI), the caller's module logger outside one."""
+    from prefect import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # MissingContextError: called as a library
+        return logging.getLogger("enrich")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4f") -> str:
