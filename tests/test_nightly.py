@@ -360,6 +360,8 @@ def test_nightly_on_s3_gives_the_same_tables(base, moto_s3, monkeypatch):
     _assert_same(_snapshot("s3://lake/wh"), base["snapshot"])
     keys = {o["Key"].split("/")[1] for o in client.list_objects_v2(Bucket="lake")["Contents"]}
     assert {"products", "runs", "attribute_predictions", "embeddings", "duplicates"} <= keys
+    markers = [o["Key"] for o in client.list_objects_v2(Bucket="lake", Prefix="wh/_state/").get("Contents", [])]
+    assert markers == [], "each stage removes its marker once its old rows are deleted"
 
 
 KILLED_RUN = """
