@@ -192,7 +192,7 @@ def maintain(
     warehouse: WarehouseOpt = None,
 ) -> None:
     """Compact the tables and delete the files replaced more than --retention-hours ago (Delta vacuum), under the
-    nightly's lock. Merges and replaceWheres leave the replaced files behind: run this weekly, or the warehouse of a
+    nightly's lock. Merges and deletes leave the replaced files behind: run this weekly, or the warehouse of a
     nightly catalog grows without bound."""
     _env_defaults()
     from flows.nightly import maintain as maintain_flow
