@@ -46,7 +46,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import reports
 from flows.defaults import COMMIT_ROWS, COMMIT_SECONDS
 from warehouse import schema
-from warehouse.tables import Warehouse, ts_literal
+from warehouse.tables import Warehouse
 
 if TYPE_CHECKING:
     from flows.enrich import Superseded
@@ -388,7 +388,7 @@ def embed_products(
     from flows.enrich import CommitGroups, Superseded, submit_windowed
 
     logger = get_run_logger()
-    pending = Superseded(wh, "embed")
+    pending = Superseded(wh, "embed", ("embeddings",), "embedded_at")
     left = recover_embeddings(wh, pending)
     if left:
         logger.warning("deleted %d embeddings left behind by a run that stopped mid-embed", left)
@@ -447,10 +447,7 @@ def embed_products(
         logger.info("embedded %d / %d products", done, rows.num_rows)
     commits.flush()
     if since is not None:
-        started = time.perf_counter()
-        dropped = wh.delete_where("embeddings", "product_id", replaced, also=f"embedded_at < {ts_literal(since)}")
-        logger.info("deleted %d superseded embeddings in %.1f s", dropped, time.perf_counter() - started)
-        pending.end()
+        pending.finish(replaced, since)
     return known, done
 
 
@@ -464,7 +461,7 @@ def recover_embeddings(wh: Warehouse, pending: Superseded) -> int:
     if wh.exists("embeddings"):
         ts = f"TIMESTAMPTZ '{since.isoformat()}'"
         ids = wh.sql(f"SELECT DISTINCT product_id FROM embeddings WHERE embedded_at >= {ts}").column(0).to_pylist()
-        dropped = wh.delete_where("embeddings", "product_id", ids, also=f"embedded_at < {ts_literal(since)}")
+        dropped = pending.drop(ids, since)
     pending.end()
     return dropped
 

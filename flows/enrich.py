@@ -219,8 +219,9 @@ class Superseded:
     A marker under ``_state/`` holds when the stage began writing, and goes when its old rows are gone: a run that
     finds one (the last died in between) first deletes what that run left behind (`since`)."""
 
-    def __init__(self, wh: Warehouse, stage: str) -> None:
-        self.wh, self.path = wh, f"_state/{stage}-superseded.json"
+    def __init__(self, wh: Warehouse, stage: str, tables: tuple[str, ...], column: str) -> None:
+        self.wh, self.stage, self.tables, self.column = wh, stage, tables, column  # column: when a row was written
+        self.path = f"_state/{stage}-superseded.json"
 
     def since(self) -> datetime | None:
         """When the unfinished stage began writing; None if the last one finished (or none ran)."""
@@ -237,16 +238,23 @@ class Superseded:
         self.wh.write_bytes(self.path, json.dumps({"since": now.isoformat()}).encode())
         return now
 
+    def drop(self, ids: list[str], before: datetime) -> int:
+        """Delete the rows of products ``ids`` written before ``before`` from each table; returns how many went."""
+        older = f"{self.column} < {ts_literal(before)}"
+        return sum(self.wh.delete_where(t, "product_id", ids, also=older) for t in self.tables)
+
+    def finish(self, ids: list[str], began: datetime) -> int:
+        """The stage is done: delete the old rows of the products ``ids`` it rewrote (every row it wrote is newer
+        than ``began``, the time `begin` returned), then remove the marker; returns how many rows went."""
+        started = time.perf_counter()
+        dropped = self.drop(ids, began)
+        reports.run_logger().info("%s: deleted %d superseded rows in %.1f s", self.stage, dropped,
+                                  time.perf_counter() - started)  # fmt: skip
+        self.end()
+        return dropped
+
     def end(self) -> None:
         self.wh.delete_file(self.path)
-
-
-def drop_superseded(wh: Warehouse, ids: list[str], since: datetime) -> int:
-    """Delete the prediction rows of products ``ids`` written before ``since`` (their rows from earlier runs: every
-    row of this run is newer); returns how many rows went."""
-    return sum(
-        wh.delete_where(t, "product_id", ids, also=f"predicted_at < {ts_literal(since)}") for t in PREDICTION_TABLES
-    )
 
 
 def recover_predictions(wh: Warehouse, pending: Superseded) -> int:
@@ -261,7 +269,7 @@ def recover_predictions(wh: Warehouse, pending: Superseded) -> int:
     ts = f"TIMESTAMPTZ '{since.isoformat()}'"
     done = f"SELECT product_id FROM predicted_products WHERE predicted_at >= {ts}"
     finished = wh.sql(done).column(0).to_pylist()
-    dropped = drop_superseded(wh, finished, since)
+    dropped = pending.drop(finished, since)
     for table in PREDICTION_TABLES:
         stateless = wh.sql(f"SELECT DISTINCT product_id FROM {table} WHERE predicted_at >= {ts} EXCEPT {done}")
         ids = stateless.column(0).to_pylist()
@@ -334,7 +342,8 @@ class PredictionWriter:
 
     def __init__(self, wh: Warehouse, writes: bool = True, rows: int = COMMIT_ROWS, seconds: float = COMMIT_SECONDS,
                  *, as_task: bool = True) -> None:  # fmt: skip
-        self.wh, self.pending, self.replaced, self.as_task = wh, Superseded(wh, "predict"), [], as_task
+        self.wh, self.replaced, self.as_task = wh, [], as_task
+        self.pending = Superseded(wh, "predict", PREDICTION_TABLES, "predicted_at")
         left = recover_predictions(wh, self.pending)
         if left:
             reports.run_logger().warning("deleted %d prediction rows left behind by a run killed mid-predict", left)
@@ -357,15 +366,7 @@ class PredictionWriter:
     def close(self) -> int:
         """Commit what is pending, then delete the re-predicted products' old rows; returns how many went."""
         self.commits.flush()
-        if self.since is None:
-            return 0
-        started = time.perf_counter()
-        dropped = drop_superseded(self.wh, self.replaced, self.since)
-        reports.run_logger().info(
-            "deleted %d superseded prediction rows in %.1f s", dropped, time.perf_counter() - started
-        )
-        self.pending.end()
-        return dropped
+        return 0 if self.since is None else self.pending.finish(self.replaced, self.since)
 
 
 def submit_windowed(fn: Any, items: Iterable[Any], window: int) -> Iterator[tuple[Any, Any]]:
